@@ -1,0 +1,50 @@
+"""Configuration: names, validation, serialisation, and the library's import boundary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vit import VARIANTS, ViTConfig
+
+
+def test_named_variants_cover_every_size_and_patch() -> None:
+    assert len(VARIANTS) == 20 and "B/16" in VARIANTS and "H/14" in VARIANTS
+    config = ViTConfig.from_name("L/32", num_classes=10, image_size=(384, 256))
+    assert (config.depth, config.width, config.mlp_dim, config.num_heads) == (24, 1024, 4096, 16)
+    assert config.grid_size == (12, 8) and config.patch_dim == 3072
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(image_size=225), "not divisible by patch size"),
+        (dict(num_heads=5), "not divisible by 5 heads"),
+        (dict(pooling="max"), "pooling"),
+        (dict(pos_embed="rope"), "pos_embed"),
+    ],
+)
+def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ViTConfig.from_name("Ti/16", **kwargs)
+
+
+def test_unknown_variant_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="known: Ti/8"):
+        ViTConfig.from_name("X/16")
+
+
+def test_dict_round_trip() -> None:
+    config = ViTConfig.from_name("S/16", num_classes=7, image_size=(96, 64), pooling="gap")
+    assert ViTConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_library_imports_without_ray_or_mlflow() -> None:
+    code = (
+        "import sys, vit, vit.checkpoint, vit.patches, vit.posemb;"
+        "bad = [m for m in ('ray', 'mlflow', 'pipelines') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
