@@ -5,8 +5,9 @@
 
 Models are timed in one process, alternating in every repetition so that drift in the machine's
 speed hits all of them alike; the median over repetitions is reported. Peak memory is measured in
-a fresh subprocess per model (peak RSS growth on CPU, peak allocated bytes on CUDA), because a
-process's peak cannot be attributed to one of several models living in it.
+a fresh subprocess per model, because a process's peak cannot be attributed to one of several
+models living in it: on CPU the growth of peak RSS over one step after a warm-up step (the kernel
+lets a process reset its peak), on CUDA the peak allocated bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -164,19 +164,18 @@ def probe(spec: str, device: str) -> None:
         fn()
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
         return
-    base = _rss_mib()
+    fn()  # warm-up: kernels, thread pools and optimizer state are not the model's working set
+    base = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     fn()
-    fn()
-    print(_peak_rss_mib() - base)
+    print(_status_mib("VmHWM") - base)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:

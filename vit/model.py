@@ -56,11 +56,14 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, return_weights: bool = False
+        self, x: torch.Tensor, return_weights: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend from the first `num_queries` tokens (default: all) to every token."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if num_queries is not None:
+            q = q[:, :, :num_queries]
         dropout = self.attention_dropout if self.training else 0.0
         weights = None
         if return_weights:
@@ -68,7 +71,7 @@ class Attention(nn.Module):
             out = F.dropout(weights, dropout, self.training).to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(b, n, c)
+        out = out.transpose(1, 2).reshape(b, q.shape[2], c)
         return self.proj_drop(self.proj(out)), weights
 
 
@@ -112,9 +115,12 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, return_weights: bool = False
+        self, x: torch.Tensor, return_weights: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, weights = self.attn(self.norm1(x), return_weights)
+        """With `num_queries`, only the first tokens are updated (and returned)."""
+        y, weights = self.attn(self.norm1(x), return_weights, num_queries)
+        if num_queries is not None:
+            x = x[:, :num_queries]
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, weights
@@ -218,17 +224,25 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x + self.pos_embed)
 
     def _encode(
-        self, x: torch.Tensor, attention_layers: frozenset[int]
+        self, x: torch.Tensor, attention_layers: frozenset[int], prefix_only: bool = False
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the blocks; with `prefix_only` the last block updates only the class token.
+
+        A token-pooled classifier reads nothing but the class token after the last block, so
+        computing the last block's MLP and projection for every patch is wasted work (about a
+        twelfth of a 12-layer model, forward and backward).
+        """
         x = self._embed(x)
         maps: dict[int, torch.Tensor] = {}
+        last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
+            queries = self.config.num_prefix_tokens if prefix_only and index == last else None
             if index in attention_layers:
-                x, maps[index] = block(x, return_weights=True)
+                x, maps[index] = block(x, True, queries)
             elif self.grad_checkpointing and self.training:
-                x, _ = checkpoint(block, x, use_reentrant=False)
+                x, _ = checkpoint(block, x, False, queries, use_reentrant=False)
             else:
-                x, _ = block(x)
+                x, _ = block(x, False, queries)
         return self.norm(x), maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +259,9 @@ class VisionTransformer(nn.Module):
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Logits; equal to forward_head(forward_features(x)) but skips work the head ignores."""
+        features, _ = self._encode(x, frozenset(), prefix_only=self.config.pooling == "token")
+        return self.forward_head(features)
 
     def forward_with_attention(
         self, x: torch.Tensor, layers: Iterable[int] | None = None

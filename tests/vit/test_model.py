@@ -104,6 +104,18 @@ def test_wrong_input_shapes_are_named_in_the_error() -> None:
         model(torch.zeros(1, 15, 192))
 
 
+@pytest.mark.parametrize("pooling", ["token", "gap"])
+def test_forward_equals_head_of_features(pooling: str) -> None:
+    """forward() skips the last block's patch outputs for token pooling; results must not move."""
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny(num_classes=4, pooling=pooling)).eval()
+    torch.nn.init.normal_(model.head.weight)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model.forward_head(model.forward_features(x))
+        torch.testing.assert_close(model(x), full, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_and_eager_attention_agree_and_maps_are_distributions() -> None:
     torch.manual_seed(0)
     model = VisionTransformer(tiny(num_classes=4, depth=3)).eval()
