@@ -1,0 +1,40 @@
+# Set-up is part of every target: the venv is (re)built whenever the pinned requirements change.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LOCK_HASH := $(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
+READY := $(VENV)/.ready-$(LOCK_HASH)
+
+.PHONY: demo smoke test lint format bench data venv
+
+venv: $(READY)
+
+$(READY): pyproject.toml requirements.lock
+	@echo "vitray: building $(VENV) from requirements.lock (about 2 minutes, 6.5 GB)"
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --no-cache-dir -r requirements.lock
+	touch $@
+
+data:
+	@scripts/install-data.sh
+
+## The whole pipeline on the embedded default data.
+demo: venv data
+	$(BIN)/python -m jobs.pretrain --config configs/pretrain_demo.py --resume
+
+## The test suite, lint included.
+test: venv data
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: venv data
+	$(BIN)/python bench/model.py

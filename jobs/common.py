@@ -1,0 +1,57 @@
+"""What every job shares: loading a config file and connecting to Ray."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+
+
+def load_config(path: str, smoke: bool, overrides: list[str]) -> Any:
+    """Import a config file, call its `get_config(smoke)`, apply `key=value` overrides."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(smoke=smoke)
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if not hasattr(config, key):
+            raise SystemExit(f"--set {item}: {type(config).__name__} has no field {key!r}")
+        config = dataclasses.replace(config, **{key: _parse(text, getattr(config, key), item)})
+    return config
+
+
+def _parse(text: str, current: Any, item: str) -> Any:
+    """Strings stay strings; everything else is a Python literal (numbers, tuples, booleans)."""
+    if isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--set {item}: {text!r} is not a Python literal") from None
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file with get_config(smoke)")
+    parser.add_argument("--smoke", action="store_true", help="shrink the run to a smoke test")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    parser.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
+    )
+
+
+def connect(address: str | None) -> None:
+    """Join a running cluster (as under `ray job submit`) or start a local Ray for this run."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address, log_to_driver=True)

@@ -1,0 +1,42 @@
+"""Pretrain a ViT with Ray Train.
+
+    python -m jobs.pretrain --config configs/pretrain_demo.py [--smoke] [--resume]
+    ray job submit --working-dir . -- python -m jobs.pretrain --config configs/pretrain_b16.py
+
+A run is named by its config's `run_name`. Starting a run whose name already has checkpoints is
+refused unless `--resume` says to continue it, so a finished or crashed run is never silently
+overwritten nor silently continued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from jobs.common import add_common_arguments, connect, load_config
+from pipelines import pretrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run of this name")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.smoke, args.set)
+    connect(args.address)
+    if pretrain.has_checkpoints(config) and not args.resume:
+        print(
+            f"run {config.run_name!r} already has checkpoints under {config.storage_path}; "
+            "pass --resume to continue it or --set run_name=NEW for a new run",
+            file=sys.stderr,
+        )
+        return 2
+    result = pretrain.run(config)
+    print(f"[pretrain] done: checkpoint {result.checkpoint_path}")
+    print(f"[pretrain] MLflow run {result.run_id}; metrics {dataclasses.asdict(result)['metrics']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Ray stages of vitray: ingest, pretrain, fine-tune, serve, tracking."""

@@ -1,0 +1,249 @@
+"""Ray Data transforms: encoded image bytes -> uint8 patch tokens, streamed to the trainers.
+
+`image_to_tokens` is the one preprocessing function of the project: the training pipeline maps it
+over Ray Data batches and serving calls it on each request, both with the checkpoint's own
+`ViTConfig`, so what the model sees in production is exactly what it saw in training.
+
+Tokens leave the CPU workers as uint8 (N, P*P*C); normalisation happens on the accelerator inside
+the model, which moves 4x fewer bytes than float32 images.
+
+Bad inputs (zero-byte, truncated, not an image, absurd dimensions) are skipped and recorded in a
+`DataErrorTracker` actor shared by every map task, so a stage can report how many rows it lost and
+which ones, and stop with a clear error once too large a fraction is bad.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image, UnidentifiedImageError
+
+from vit.config import ViTConfig
+from vit.patches import patchify
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class BadImageError(ValueError):
+    """The bytes are not an image this pipeline can use; the message says why."""
+
+
+class DataQualityError(RuntimeError):
+    """Too large a fraction of the input is unreadable: the run stops rather than train on it."""
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation; evaluation always resizes and centre-crops deterministically.
+
+    Defaults follow the Inception-style crop used to train the original ViT; small or centred
+    datasets (digits, clothing) call for a milder `crop_scale` and no flip.
+    """
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How the streaming pipeline runs; every value is a deliberate knob, not a magic number."""
+
+    batch_size: int = 256  # rows per map task call
+    concurrency: int | None = None  # decode tasks in flight; None lets Ray Data choose
+    max_bad_fraction: float = 0.01  # above this fraction of bad rows the run stops
+    min_rows_before_check: int = 200  # do not judge the fraction on the first few rows
+    max_image_pixels: int = 64_000_000  # reject decompression bombs before decoding
+    seed: int = 0
+
+
+def image_to_tokens(
+    data: bytes,
+    config: ViTConfig,
+    *,
+    augmentation: Augmentation | None = None,
+    rng: np.random.Generator | None = None,
+    max_image_pixels: int = IngestConfig.max_image_pixels,
+) -> np.ndarray:
+    """Decode, crop/resize, convert channels and patchify one image -> uint8 (N, P*P*C).
+
+    With `augmentation` (training) the crop and flip are random, drawn from `rng`; without it
+    (evaluation and serving) the image is resized and centre-cropped as the checkpoint's
+    preprocessing says. Raises `BadImageError` for anything that is not a usable image.
+    """
+    image = _decode(data, max_image_pixels, config.image_size)
+    image = _to_channels(image, config.in_channels)
+    height, width = config.image_size
+    resample = _RESAMPLE[config.preprocessing.interpolation]
+    if augmentation is None:
+        image = image.resize((width, height), resample, box=_centre_box(image.size, config))
+    else:
+        rng = rng or np.random.default_rng()
+        box = _random_box(image.size, augmentation, rng)
+        image = image.resize((width, height), resample, box=box)
+        if augmentation.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return patchify(pixels, config.patch_size, channels_last=True)
+
+
+def _decode(data: bytes, max_pixels: int, target: tuple[int, int]) -> Image.Image:
+    if not data:
+        raise BadImageError("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadImageError(f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+        # JPEG can decode straight to a reduced size: far cheaper than decoding then shrinking.
+        image.draft(image.mode, (target[1], target[0]))
+        image.load()
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise BadImageError("not a readable image (corrupt, truncated or unknown format)") from None
+    return image
+
+
+def _to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """Grey, palette and transparent images become what the model expects (alpha on white)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    target = "RGB" if channels == 3 else "L"
+    if channels not in (1, 3):
+        raise ValueError(f"images can feed 1 or 3 channels, not {channels}")
+    return image if image.mode == target else image.convert(target)
+
+
+def _centre_box(size: tuple[int, int], config: ViTConfig) -> tuple[float, float, float, float]:
+    """The source box whose resize to the model input equals resize-shorter-side + centre crop."""
+    width, height = size
+    resize = config.preprocessing.resize_size
+    out_h, out_w = config.image_size
+    if resize is None:
+        return (0.0, 0.0, float(width), float(height))
+    # Shorter side -> `resize` pixels, then an out_h x out_w window from the centre.
+    scale = resize / min(width, height)
+    box_w, box_h = min(out_w / scale, width), min(out_h / scale, height)
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return (left, top, left + box_w, top + box_h)
+
+
+def _random_box(
+    size: tuple[int, int], augmentation: Augmentation, rng: np.random.Generator
+) -> tuple[float, float, float, float]:
+    """Inception-style random resized crop; falls back to the whole image after 10 misses."""
+    width, height = size
+    area = width * height
+    log_ratio = (math.log(augmentation.crop_ratio[0]), math.log(augmentation.crop_ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*augmentation.crop_scale)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        box_w = math.sqrt(target * ratio)
+        box_h = math.sqrt(target / ratio)
+        if box_w <= width and box_h <= height:
+            left = rng.uniform(0, width - box_w)
+            top = rng.uniform(0, height - box_h)
+            return (left, top, left + box_w, top + box_h)
+    return (0.0, 0.0, float(width), float(height))
+
+
+@ray.remote(num_cpus=0)
+class DataErrorTracker:
+    """Counts rows seen and rows skipped across every map task of a stage."""
+
+    def __init__(self, max_samples: int = 20) -> None:
+        self.rows = 0
+        self.bad = 0
+        self.samples: list[tuple[str, str]] = []
+        self.max_samples = max_samples
+
+    def record(self, rows: int, bad: list[tuple[str, str]]) -> tuple[int, int]:
+        self.rows += rows
+        self.bad += len(bad)
+        room = self.max_samples - len(self.samples)
+        self.samples.extend(bad[:room])
+        return self.rows, self.bad
+
+    def summary(self) -> dict[str, Any]:
+        return {"rows": self.rows, "bad": self.bad, "samples": list(self.samples)}
+
+
+def tokenize_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    config: ViTConfig,
+    augmentation: Augmentation | None,
+    ingest: IngestConfig,
+    tracker: ray.actor.ActorHandle | None,
+) -> dict[str, np.ndarray]:
+    """Ray Data map function: rows {key, image, label} -> rows {tokens, label}, bad rows dropped."""
+    keys = batch["key"]
+    # A per-batch seed from its keys keeps augmentation reproducible and different across batches.
+    seed = zlib.crc32(str(keys[0]).encode()) if len(keys) else 0
+    rng = np.random.default_rng([ingest.seed, seed])
+    tokens, labels, bad = [], [], []
+    for key, data, label in zip(keys, batch["image"], batch["label"], strict=True):
+        try:
+            tokens.append(
+                image_to_tokens(
+                    data,
+                    config,
+                    augmentation=augmentation,
+                    rng=rng,
+                    max_image_pixels=ingest.max_image_pixels,
+                )
+            )
+            labels.append(label)
+        except BadImageError as error:
+            bad.append((str(key), str(error)))
+    if tracker is not None:
+        rows, bad_total = ray.get(tracker.record.remote(len(keys), bad))
+        if rows >= ingest.min_rows_before_check and bad_total > ingest.max_bad_fraction * rows:
+            examples = "; ".join(f"{k}: {why}" for k, why in bad[:3])
+            raise DataQualityError(
+                f"{bad_total} of {rows} images unreadable ({bad_total / rows:.1%}, limit "
+                f"{ingest.max_bad_fraction:.1%}); for example {examples}"
+            )
+    shape = (0, config.num_patches, config.patch_dim)
+    return {
+        "tokens": np.stack(tokens) if tokens else np.zeros(shape, np.uint8),
+        "label": np.asarray(labels, dtype=np.int64),
+    }
+
+
+def to_tokens(
+    dataset: ray.data.Dataset,
+    config: ViTConfig,
+    *,
+    augmentation: Augmentation | None = None,
+    ingest: IngestConfig | None = None,
+    tracker: ray.actor.ActorHandle | None = None,
+) -> ray.data.Dataset:
+    """Lazily map a {key, image, label} dataset to {tokens, label}; nothing runs until iterated."""
+    ingest = ingest or IngestConfig()
+    compute = None
+    if ingest.concurrency is not None:
+        compute = ray.data.TaskPoolStrategy(size=ingest.concurrency)
+    return dataset.map_batches(
+        tokenize_batch,
+        batch_size=ingest.batch_size,
+        batch_format="numpy",
+        compute=compute,
+        fn_kwargs={
+            "config": config,
+            "augmentation": augmentation,
+            "ingest": ingest,
+            "tracker": tracker,
+        },
+    )

@@ -1,0 +1,406 @@
+"""Pretraining on Ray Train: DDP (or FSDP) over streaming patch tokens, checkpoints, resume.
+
+The same `run()` trains on a 2-core laptop (gloo, fp32) and on a GPU cluster (NCCL, bf16). The
+global batch size is fixed by the config whatever the number of workers: gradient accumulation
+fills the gap, so an elastic run that loses a worker keeps optimising the same objective.
+
+Checkpoints hold the `vit` checkpoint directory plus `train_state.pt` (optimizer, scheduler, step,
+samples seen). Ray Train restarts the worker group from the latest one after a failure
+(`max_failures`), and a rerun with the same `run_name` and `storage_path` resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines import tracking
+from pipelines.datasets import describe, read_dataset
+from pipelines.ingest import Augmentation, DataErrorTracker, IngestConfig, to_tokens
+from pipelines.training import (
+    Decay,
+    autocast,
+    count_correct,
+    parameter_groups,
+    unwrap,
+    warmup_then_decay,
+)
+from vit import checkpoint as vit_checkpoint
+from vit.config import ViTConfig
+from vit.model import VisionTransformer
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pretraining run depends on; defaults follow the paper's Table 3."""
+
+    dataset: str = "fashion-mnist"
+    model: ViTConfig = field(default_factory=lambda: ViTConfig.from_name("B/16"))
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    steps: int = 10_000
+    global_batch_size: int = 4096
+    micro_batch_size: int = 64  # per worker and forward pass; accumulation covers the rest
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 1_000
+    decay: Decay = "cosine"
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int | tuple[int, int] = 1  # a (min, max) range makes the run elastic
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    extra_resources_per_worker: dict[str, float] = field(default_factory=dict)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    storage_path: str = "runs/train"  # local folder or s3:// URI shared by all nodes
+    run_name: str = "pretrain"
+    max_failures: int = 3
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What the next stage needs: where the weights are and which MLflow run made them."""
+
+    checkpoint_path: str
+    run_id: str
+    metrics: dict[str, float]
+
+
+def run(
+    config: PretrainConfig,
+    *,
+    parent_run_id: str | None = None,
+    storage_filesystem: Any = None,
+) -> PretrainResult:
+    """Pretrain `config.model` on `config.dataset` and return the final checkpoint."""
+    info = describe(config.dataset)
+    model_config = config.model.replace(num_classes=len(info.class_names))
+    tracker = DataErrorTracker.remote()
+    train = to_tokens(
+        read_dataset(config.dataset, "train").randomize_block_order(seed=config.seed),
+        model_config,
+        augmentation=config.augmentation,
+        ingest=config.ingest,
+        tracker=tracker,
+    )
+    dev = to_tokens(read_dataset(config.dataset, "dev"), model_config, ingest=config.ingest)
+    uri = tracking.tracking_uri()
+    run_id = _find_or_start_run(config, uri, parent_run_id)
+    loop_config = {
+        "config": config,
+        "model_config": model_config,
+        "class_names": list(info.class_names),
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "tracker": tracker,
+    }
+    resources = {"CPU": config.cpus_per_worker, **config.extra_resources_per_worker}
+    if config.use_gpu:
+        resources["GPU"] = 1
+    fs, storage = _storage(config, storage_filesystem)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        datasets={"train": train, "dev": dev},
+    )
+    result = trainer.fit()
+    errors = ray.get(tracker.summary.remote())
+    mlflow = tracking.client(uri)
+    mlflow.log_metric(run_id, "data/bad_images", errors["bad"])
+    if errors["samples"]:
+        mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining run {config.run_name} produced no checkpoint")
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
+    with result.checkpoint.as_directory() as directory:
+        mlflow.log_artifacts(run_id, str(Path(directory) / "model"), "checkpoint")
+    mlflow.set_terminated(run_id)
+    return PretrainResult(result.checkpoint.path, run_id, metrics)
+
+
+def _storage(config: PretrainConfig, filesystem: Any) -> tuple[pafs.FileSystem, str]:
+    """The checkpoint storage as (filesystem, path): local folders are made absolute."""
+    if filesystem is not None:
+        return filesystem, config.storage_path.split("://", 1)[-1]
+    if "://" in config.storage_path:
+        return pafs.FileSystem.from_uri(config.storage_path)
+    return pafs.LocalFileSystem(), str(Path(config.storage_path).resolve())
+
+
+def has_checkpoints(config: PretrainConfig, storage_filesystem: Any = None) -> bool:
+    """Whether a run of this name already saved checkpoints (a rerun would resume it)."""
+    fs, root = _storage(config, storage_filesystem)
+    selector = pafs.FileSelector(f"{root}/{config.run_name}", allow_not_found=True)
+    return any(info.base_name.startswith("checkpoint_") for info in fs.get_file_info(selector))
+
+
+def _find_or_start_run(config: PretrainConfig, uri: str, parent_run_id: str | None) -> str:
+    """One MLflow run per (run name, config): a resumed run keeps logging into the same run."""
+    mlflow = tracking.client(uri)
+    experiment = tracking.experiment_id(config.experiment, uri)
+    digest = tracking.config_hash(config)
+    existing = mlflow.search_runs(
+        [experiment],
+        filter_string=f"tags.vitray_run_name = '{config.run_name}' "
+        f"and tags.vitray_config_hash = '{digest}'",
+        max_results=1,
+    )
+    if existing:
+        return existing[0].info.run_id
+    run_id = tracking.start_run(
+        config.run_name,
+        experiment=config.experiment,
+        parent_run_id=parent_run_id,
+        tags={
+            "vitray_stage": "pretrain",
+            "vitray_run_name": config.run_name,
+            "vitray_config_hash": digest,
+            "vitray_dataset": config.dataset,
+        },
+        uri=uri,
+    )
+    tracking.log_params(run_id, config, uri)
+    return run_id
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- worker side
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    config: PretrainConfig = loop_config["config"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    per_step = config.global_batch_size // world
+    if config.global_batch_size % world or per_step % min(config.micro_batch_size, per_step):
+        raise ValueError(
+            f"global batch {config.global_batch_size} does not split into {world} workers "
+            f"x micro-batches of {config.micro_batch_size}"
+        )
+    micro = min(config.micro_batch_size, per_step)
+    accumulation = per_step // micro
+    torch.manual_seed(config.seed)
+
+    model = VisionTransformer(loop_config["model_config"])
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.learning_rate, betas=config.betas
+    )
+    scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, config.decay)
+    state = {"step": 0, "samples": 0}
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            model, _ = vit_checkpoint.load(Path(directory) / "model")
+            saved = torch.load(Path(directory) / TRAIN_STATE_FILE, weights_only=True)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, config.weight_decay),
+            lr=config.learning_rate,
+            betas=config.betas,
+        )
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, config.decay)
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+    parallel = "fsdp" if config.strategy == "fsdp" else "ddp"
+    model = ray.train.torch.prepare_model(model, parallel_strategy=parallel)
+    _move_optimizer_state(optimizer, device)
+
+    metrics_log = None
+    if rank == 0:
+        metrics_log = tracking.MetricLog(
+            loop_config["run_id"], loop_config["tracking_uri"], "train/loss"
+        )
+        print(
+            f"[pretrain] {world} worker(s) on {device}, global batch {config.global_batch_size}"
+            f" = {world} workers x {accumulation} accumulation x {micro}, "
+            f"starting at step {state['step']} of {config.steps}",
+            flush=True,
+        )
+    batches = _endless_batches(ray.train.get_dataset_shard("train"), micro, device)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    model.train()
+    window_start, window_images = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    start_step = state["step"]
+    while state["step"] < config.steps:
+        step_start = time.perf_counter()
+        total_loss = 0.0
+        for index in range(accumulation):
+            batch = next(batches)
+            sync = index == accumulation - 1
+            with _maybe_no_sync(model, sync), autocast(device):
+                loss = loss_fn(model(batch["tokens"]), batch["label"]) / accumulation
+                loss.backward()
+            total_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] += 1
+        state["samples"] += config.global_batch_size
+        window_images += config.global_batch_size
+        step = state["step"]
+        if metrics_log is not None and (step % config.log_every == 0 or step == config.steps):
+            elapsed = time.perf_counter() - window_start
+            images_per_s = window_images / elapsed
+            loss_value = float(total_loss)
+            metrics_log.log(
+                step,
+                {
+                    "train/loss": loss_value,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/images_per_s": images_per_s,
+                    "train/step_time_s": time.perf_counter() - step_start,
+                },
+            )
+            done = step - start_step
+            eta = (time.perf_counter() - run_start) / done * (config.steps - step)
+            print(
+                f"[pretrain] step {step}/{config.steps} loss {loss_value:.4f} "
+                f"{images_per_s:.0f} img/s ETA {eta:.0f}s",
+                flush=True,
+            )
+            window_start, window_images = time.perf_counter(), 0
+        evaluate = step % config.eval_every == 0 or step == config.steps
+        save = step % config.checkpoint_every == 0 or step == config.steps
+        if not (evaluate or save):
+            continue
+        metrics: dict[str, float] = {
+            "step": step,
+            "train/loss": float(total_loss),
+            "world_size": world,
+            "ddp/replica_divergence": _replica_divergence(model),
+        }
+        if evaluate:
+            metrics["dev/accuracy"] = _dev_accuracy(model, device)
+            if metrics_log is not None:
+                metrics_log.log(step, {"dev/accuracy": metrics["dev/accuracy"]})
+                print(f"[pretrain] step {step} dev accuracy {metrics['dev/accuracy']:.4f}")
+        if save:
+            _report_with_checkpoint(metrics, model, optimizer, scheduler, state, loop_config, rank)
+        else:
+            ray.train.report(metrics)
+
+
+def _endless_batches(shard: Any, micro: int, device: torch.device) -> Any:
+    """Cycle over the streaming shard, one pass (epoch) after another."""
+    while True:
+        yielded = False
+        for batch in shard.iter_torch_batches(
+            batch_size=micro, drop_last=True, device=device, local_shuffle_buffer_size=4 * micro
+        ):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the training shard yielded no full batch: dataset too small")
+
+
+def _maybe_no_sync(model: torch.nn.Module, sync: bool) -> Any:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for param_state in optimizer.state.values():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                param_state[key] = value.to(device)
+
+
+def _replica_divergence(model: torch.nn.Module) -> float:
+    """Largest difference of per-tensor parameter sums between this rank and the others.
+
+    Data-parallel replicas must hold identical weights; anything but 0.0 means a broken
+    all-reduce or a non-deterministic update and is worth a loud metric.
+    """
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    return float(max((g - gathered[0]).abs().max() for g in gathered))
+
+
+def _dev_accuracy(model: torch.nn.Module, device: torch.device) -> float:
+    shard = ray.train.get_dataset_shard("dev")
+    correct, seen = count_correct(model, iter(shard.iter_torch_batches(batch_size=256)), device)
+    totals = torch.tensor([correct, seen], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / max(totals[1], 1))
+
+
+def _report_with_checkpoint(
+    metrics: dict[str, float],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, int],
+    loop_config: dict[str, Any],
+    rank: int,
+) -> None:
+    """Rank 0 writes the checkpoint; every rank reports, as Ray Train requires."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        provenance = {
+            "mlflow_run_id": loop_config["run_id"],
+            "dataset": loop_config["config"].dataset,
+            "step": state["step"],
+            "stage": "pretrain",
+        }
+        vit_checkpoint.save(
+            unwrap(model),
+            os.path.join(directory, "model"),
+            class_names=loop_config["class_names"],
+            provenance=provenance,
+        )
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": dict(state),
+            },
+            os.path.join(directory, TRAIN_STATE_FILE),
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

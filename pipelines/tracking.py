@@ -1,0 +1,116 @@
+"""MLflow as the record of every stage: where it lives, runs, params, and resumable metric logs.
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`; the embedded default is a SQLite database and
+an artifact folder under `runs/` (the model registry needs a database backend, and MLflow 3
+refuses the plain `file:` store). On a cluster, point the variable at an `mlflow server`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+RUNS_DIR = Path("runs")
+DEFAULT_EXPERIMENT = "vitray"
+
+
+def tracking_uri() -> str:
+    """The configured tracking URI, else a SQLite database under ./runs (absolute, for workers)."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    RUNS_DIR.mkdir(exist_ok=True)
+    return f"sqlite:///{(RUNS_DIR / 'mlflow.db').resolve()}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(name: str = DEFAULT_EXPERIMENT, uri: str | None = None) -> str:
+    """Get or create an experiment; locally its artifacts go to runs/mlartifacts."""
+    mlflow = client(uri)
+    existing = mlflow.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if (uri or tracking_uri()).startswith("sqlite:"):
+        location = (RUNS_DIR / "mlartifacts" / name).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def start_run(
+    run_name: str,
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    uri: str | None = None,
+) -> str:
+    """Create a run (a child when `parent_run_id` is given) and return its id."""
+    all_tags = {MLFLOW_RUN_NAME: run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client(uri).create_run(experiment_id(experiment, uri), run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dataclasses/dicts -> {"model.width": "768", ...}, the shape MLflow params want."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def config_hash(config: Any) -> str:
+    """A short, stable fingerprint of a config: equal configs, equal hashes, across processes."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def log_params(run_id: str, config: Any, uri: str | None = None) -> None:
+    params = flatten(config)
+    params["config_hash"] = config_hash(config)
+    batch = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    mlflow = client(uri)
+    for start in range(0, len(batch), 100):
+        mlflow.log_batch(run_id, params=batch[start : start + 100])
+
+
+class MetricLog:
+    """Step metrics for one run that survive restarts without duplicated steps.
+
+    A worker that resumes from a checkpoint replays the steps after it; the steps already on
+    record are skipped, so the run's history continues where the crashed attempt left it.
+    """
+
+    def __init__(self, run_id: str, uri: str, step_key: str) -> None:
+        self.run_id = run_id
+        self.client = client(uri)
+        history = self.client.get_metric_history(run_id, step_key)
+        self.last_logged = max((m.step for m in history), default=-1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.last_logged:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.last_logged = step

@@ -1,0 +1,79 @@
+"""Optimisation pieces shared by pretraining and fine-tuning.
+
+Both stages follow the paper: parameter groups that keep embeddings, norms and biases out of
+weight decay, linear warmup then cosine or linear decay, clipping at global norm 1, bf16 autocast
+on accelerators and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vit.model import VisionTransformer
+
+Decay = Literal["cosine", "linear"]
+
+
+def parameter_groups(model: VisionTransformer, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and everything `no_weight_decay` exempts."""
+    exempt = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name in exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_then_decay(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: Decay
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base rate, then cosine or linear decay to zero at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if decay == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 on CUDA (no loss scaling needed), plain fp32 on CPU where bf16 is slow."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> VisionTransformer:
+    """The bare model inside a DDP/FSDP wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def count_correct(
+    model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[int, int]:
+    """(correct, seen) over the batches; callers all-reduce across workers when distributed."""
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    for batch in batches:
+        with autocast(device):
+            logits = model(batch["tokens"].to(device, non_blocking=True))
+        labels = batch["label"].to(device)
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        seen += int(labels.numel())
+    model.train(was_training)
+    return correct, seen

@@ -1,0 +1,137 @@
+"""Ingest transforms: exact patch tokens, channel handling, crops, and bad data accounting."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from pipelines.ingest import (
+    Augmentation,
+    BadImageError,
+    DataErrorTracker,
+    IngestConfig,
+    image_to_tokens,
+    to_tokens,
+)
+from vit import ViTConfig
+from vit.config import Preprocessing
+from vit.patches import patchify
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def config(**overrides: object) -> ViTConfig:
+    fields = dict(image_size=32, patch_size=8, width=64, depth=1, mlp_dim=64, num_heads=2)
+    fields.update(overrides)
+    return ViTConfig(**fields)
+
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_tokens_equal_patchify_of_the_decoded_image() -> None:
+    tokens = image_to_tokens(encode(RGB), config())
+    assert tokens.dtype == np.uint8
+    assert np.array_equal(tokens, patchify(RGB, 8, channels_last=True))
+
+
+def test_grey_images_are_replicated_to_rgb_and_rgb_reduced_to_grey() -> None:
+    grey = RGB[:, :, 0]
+    tokens = image_to_tokens(encode(grey), config())
+    assert np.array_equal(tokens, patchify(np.stack([grey] * 3, -1), 8, channels_last=True))
+    single = image_to_tokens(encode(RGB), config(in_channels=1))
+    assert single.shape == (16, 64)
+
+
+def test_transparent_pixels_are_composited_on_white() -> None:
+    rgba = np.zeros((32, 32, 4), np.uint8)  # fully transparent black
+    tokens = image_to_tokens(encode(rgba), config())
+    assert (tokens == 255).all()
+
+
+def test_centre_crop_removes_the_border_and_resize_keeps_the_aspect() -> None:
+    framed = np.zeros((48, 64, 3), np.uint8)
+    framed[8:40, 16:48] = 200  # a 32x32 centre square on a black frame
+    cfg = config(preprocessing=Preprocessing(resize_size=32))
+    # Shorter side 48 -> 32 (scale 2/3), centre 32x32 window = the central 48x48 of the source.
+    tokens = image_to_tokens(encode(framed), cfg)
+    image = tokens.reshape(4, 4, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(32, 32, 3)
+    assert image[16, 16, 0] == 200
+    assert image[16, 1, 0] < 100  # the frame's left part survives, scaled
+    squashed = image_to_tokens(encode(framed), config())  # resize_size None: whole image
+    assert squashed.shape == tokens.shape
+
+
+def test_random_augmentation_is_reproducible_from_the_generator() -> None:
+    aug = Augmentation(crop_scale=(0.3, 1.0))
+    a = image_to_tokens(encode(RGB), config(), augmentation=aug, rng=np.random.default_rng(1))
+    b = image_to_tokens(encode(RGB), config(), augmentation=aug, rng=np.random.default_rng(1))
+    c = image_to_tokens(encode(RGB), config(), augmentation=aug, rng=np.random.default_rng(2))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def truncated_png() -> bytes:
+    return encode(RGB)[:200]
+
+
+BAD_INPUTS = {
+    "empty": b"",
+    "truncated": truncated_png(),
+    "text": b"this is not an image\n",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_bytes_raise_bad_image_error(kind: str) -> None:
+    with pytest.raises(BadImageError):
+        image_to_tokens(BAD_INPUTS[kind], config())
+
+
+def test_oversized_images_are_refused_before_decoding() -> None:
+    with pytest.raises(BadImageError, match="exceeds the limit"):
+        image_to_tokens(encode(RGB), config(), max_image_pixels=32 * 31)
+
+
+def rows(good: int, bad: int) -> list[dict]:
+    images = [encode(np.full((32, 32, 3), i, np.uint8)) for i in range(good)]
+    broken = list(BAD_INPUTS.values())
+    items = [{"key": f"good/{i}", "image": img, "label": i % 3} for i, img in enumerate(images)]
+    items += [{"key": f"bad/{i}", "image": broken[i % 3], "label": 0} for i in range(bad)]
+    return items
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_ray_pipeline_skips_and_counts_corrupt_rows() -> None:
+    tracker = DataErrorTracker.remote()
+    dataset = ray.data.from_items(rows(good=40, bad=3))
+    ingest = IngestConfig(batch_size=8, max_bad_fraction=0.2, min_rows_before_check=0)
+    out = to_tokens(dataset, config(), ingest=ingest, tracker=tracker)
+    batches = list(out.iter_batches(batch_size=None, batch_format="numpy"))
+    labels = np.concatenate([b["label"] for b in batches])
+    tokens = np.concatenate([b["tokens"] for b in batches])
+    assert len(labels) == 40
+    assert tokens.shape == (40, 16, 192)
+    summary = ray.get(tracker.summary.remote())
+    assert summary["rows"] == 43
+    assert summary["bad"] == 3
+    assert sorted(key for key, _ in summary["samples"]) == ["bad/0", "bad/1", "bad/2"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_too_many_bad_rows_stop_the_run_with_a_clear_message() -> None:
+    tracker = DataErrorTracker.remote()
+    dataset = ray.data.from_items(rows(good=10, bad=10))
+    ingest = IngestConfig(batch_size=5, max_bad_fraction=0.1, min_rows_before_check=10)
+    out = to_tokens(dataset, config(), ingest=ingest, tracker=tracker)
+    with pytest.raises(Exception, match=r"images unreadable .* limit 10.0%"):
+        out.materialize()
