@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -92,11 +91,14 @@ def wait_for_checkpoint(config: PretrainConfig, timeout: float = 300) -> None:
 
 
 def train_worker_pids() -> list[int]:
+    """Ray titles its actor processes `ray::RayTrainWorker...`; find them through /proc."""
     pids = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "RayTrainWorker" in cmdline:
-            pids.append(process.pid)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"RayTrainWorker" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
     return pids
 
 

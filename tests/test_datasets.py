@@ -1,0 +1,218 @@
+"""Data sources on a real local Ray: catalog sets, image folders, Parquet, and S3 (moto server)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray.data
+from PIL import Image
+
+from pipelines.datasets import (
+    DatasetInfo,
+    DatasetNotInstalledError,
+    SplitFractions,
+    describe,
+    read_dataset,
+)
+from pipelines.sources import ROW_SCHEMA
+
+if TYPE_CHECKING:
+    from conftest import S3Server
+
+# moto first: Ray workers inherit the AWS_* variables only if they exist when Ray starts.
+pytestmark = pytest.mark.usefixtures("moto_s3", "ray_local")
+
+TUXPAINT_COUNTS = {
+    "animals": 146,
+    "food": 67,
+    "household": 33,
+    "plants": 39,
+    "town": 78,
+    "vehicles": 34,
+}
+
+Rows = dict[str, tuple[bytes, int, str]]
+
+
+def rows(ds: ray.data.Dataset) -> Rows:
+    """key -> (image bytes, label, split), checking the schema every source promises."""
+    assert ds.schema().base_schema == ROW_SCHEMA
+    taken = ds.take_all()
+    out = {r["key"]: (r["image"], r["label"], r["split"]) for r in taken}
+    assert len(out) == len(taken), "keys must be unique"
+    return out
+
+
+def catalog(name: str) -> DatasetInfo:
+    """``describe`` a catalog set, skipping (with the install command) where it is absent."""
+    try:
+        return describe(name)
+    except DatasetNotInstalledError as err:
+        pytest.skip(str(err))
+
+
+def decode(blob: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(blob))
+    image.load()
+    return image
+
+
+def test_fashion_mnist_has_official_splits_and_real_class_names() -> None:
+    info = catalog("fashion-mnist")
+    assert info.class_names[:2] == ("T-shirt/top", "Trouser")
+    assert info.class_names[-1] == "Ankle boot" and info.num_channels == 1
+    sizes = info.split_sizes
+    assert sizes is not None
+    assert sizes["train"] + sizes["dev"] == 60_000 and sizes["test"] == 10_000
+    assert 0.015 < sizes["dev"] / 60_000 < 0.025  # 2% held out of train
+    test = rows(read_dataset("fashion-mnist", "test"))
+    assert len(test) == 10_000
+    assert all(k.startswith("fashion-mnist/test/") and v[2] == "test" for k, v in test.items())
+    image = decode(test["fashion-mnist/test/00000"][0])
+    assert image.size == (28, 28) and image.mode == "L"
+
+
+def test_mnist_5k_has_500_per_class() -> None:
+    info = catalog("mnist-5k")
+    assert info.split_sizes is not None and sum(info.split_sizes.values()) == 5000
+    labels = read_dataset("mnist-5k").select_columns(["label"]).to_pandas()["label"]
+    assert Counter(labels.tolist()) == dict.fromkeys(range(10), 500)
+
+
+def test_digits_splits_are_fixed_disjoint_and_dev_comes_from_train() -> None:
+    info = catalog("digits")
+    first, second = rows(read_dataset("digits")), rows(read_dataset("digits"))
+    assert first == second and len(first) == 1797
+    splits = Counter(split for _, _, split in first.values())
+    assert dict(splits) == info.split_sizes
+    assert 0.15 < splits["test"] / 1797 < 0.25 and 0.07 < splits["dev"] / 1437 < 0.13
+    dev = rows(read_dataset("digits", "dev"))
+    assert dev == {k: v for k, v in first.items() if v[2] == "dev"}
+    expected = pytest.importorskip("sklearn.datasets").load_digits().images[0] * 255 / 16
+    assert np.array_equal(np.asarray(decode(first["digits/0000"][0])), np.rint(expected))
+
+
+def test_tuxpaint_six_classes_composited_to_rgb() -> None:
+    info = catalog("tuxpaint")
+    assert dict(zip(info.class_names, range(6), strict=True)) == {
+        c: i for i, c in enumerate(TUXPAINT_COUNTS)
+    }
+    assert info.num_channels == 3 and info.split_sizes is not None
+    data = rows(read_dataset("tuxpaint"))
+    counts = Counter(info.class_names[label] for _, label, _ in data.values())
+    assert counts == TUXPAINT_COUNTS
+    assert Counter(s for _, _, s in data.values()) == info.split_sizes
+    assert not any(k.endswith(("_mirror.png", "_flip.png")) for k in data)
+    for key in sorted(data)[:5]:
+        image = decode(data[key][0])
+        assert image.mode == "RGB"
+        assert image.getpixel((0, 0)) == (255, 255, 255)  # transparent corner became white
+
+
+def test_folder_and_s3_sources_yield_the_same_rows(digits_folder: Path, moto_s3: S3Server) -> None:
+    local = rows(read_dataset(str(digits_folder)))
+    assert describe(str(digits_folder)) == DatasetInfo(
+        "digits-folder", ("seven", "three", "zero"), 1
+    )
+    assert len(local) == 26  # 24 digits + the zero-byte and the corrupt file, nothing else
+    assert local["three/empty.png"][0] == b""
+    assert local["seven/corrupt.png"][1] == 0
+    assert local["zero/scans/zero_6.png"][1] == 2
+    assert {s for _, _, s in local.values()} == {"train", "dev", "test"}
+
+    uri = moto_s3.upload(digits_folder, "folders/digits")
+    assert rows(read_dataset(uri)) == local  # endpoint from AWS_ENDPOINT_URL
+    assert rows(read_dataset(uri, filesystem=moto_s3.filesystem)) == local
+    assert describe(uri).class_names == ("seven", "three", "zero")
+    test_only = rows(read_dataset(uri, "test", filesystem=moto_s3.filesystem))
+    assert test_only == {k: v for k, v in local.items() if v[2] == "test"}
+
+
+def test_parquet_with_keys_yields_the_folder_rows(digits_folder: Path, tmp_path: Path) -> None:
+    local = rows(read_dataset(str(digits_folder)))
+    keys = sorted(local)
+    table = pa.table(
+        {
+            "key": keys,
+            "image": [local[k][0] for k in keys],
+            "label": pa.array([local[k][1] for k in keys], pa.int32()),
+        }
+    )
+    pq.write_table(table.slice(0, 10), tmp_path / "part-0.parquet")
+    pq.write_table(table.slice(10), tmp_path / "part-1.parquet")
+    names = '{"class_names": ["seven", "three", "zero"]}'  # a user's manifest: names only
+    (tmp_path / "manifest.json").write_text(names)
+    assert rows(read_dataset(str(tmp_path))) == local  # same keys -> same hashed splits
+    assert describe(str(tmp_path)).class_names == ("seven", "three", "zero")
+
+
+def test_keyless_hugging_face_parquet(tmp_path: Path) -> None:
+    blobs = [bytes([i]) * (i + 1) for i in range(12)]
+    features = '{"info": {"features": {"label": {"_type": "ClassLabel", "names": ["a", "b"]}}}}'
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)]),
+            "label": [i % 2 for i in range(12)],
+            "split": ["train"] * 8 + ["validation"] * 2 + ["test"] * 2,
+        }
+    ).replace_schema_metadata({"huggingface": features})
+    pq.write_table(table, tmp_path / "data.parquet", row_group_size=5)
+    source = str(tmp_path / "data.parquet")
+    assert describe(source).class_names == ("a", "b")
+    data = rows(read_dataset(source))
+    assert sorted(data) == sorted(f"data.parquet#{i}" for i in range(12))
+    assert data["data.parquet#7"] == (blobs[7], 1, "train")
+    assert data["data.parquet#8"][2] == "dev" and data["data.parquet#11"][2] == "test"
+    assert set(rows(read_dataset(source, "dev"))) == {"data.parquet#8", "data.parquet#9"}
+
+
+def test_string_labels_without_manifest_become_sorted_class_names(tmp_path: Path) -> None:
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["k0", "k1", "k2"],
+                "image": [b"x", b"y", b"z"],
+                "label": ["tulip", "daisy", "tulip"],
+            }
+        ),
+        tmp_path / "flowers.parquet",
+    )
+    assert describe(str(tmp_path)).class_names == ("daisy", "tulip")
+    labels = {k: label for k, (_, label, _) in rows(read_dataset(str(tmp_path))).items()}
+    assert labels == {"k0": 1, "k1": 0, "k2": 1}
+
+
+def test_split_folders_are_honoured(split_folder: Path) -> None:
+    root = split_folder
+    on_disk = {str(p.relative_to(root)) for p in root.rglob("*.*g") if not p.name.startswith(".")}
+    data = rows(read_dataset(str(root), fractions=SplitFractions(dev=0.3)))
+    assert set(data) == on_disk
+    assert {k for k, v in data.items() if v[2] == "test"} == {
+        k for k in on_disk if k.startswith("test/")
+    }
+    dev = {k for k, v in data.items() if v[2] == "dev"}
+    assert dev and all(k.startswith("train/") for k in dev)
+    assert describe(str(root)).class_names == ("seven", "three", "zero")
+
+
+def test_errors_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITRAY_DEB_ROOT", str(tmp_path))  # as if the Debian package were absent
+    with pytest.raises(DatasetNotInstalledError, match="apt-get install -y dataset-fashion-mnist"):
+        describe("fashion-mnist")
+    with pytest.raises(FileNotFoundError, match="neither a catalog dataset"):
+        read_dataset(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="split must be one of"):
+        read_dataset("digits", "val")
+    with pytest.raises(ValueError, match="fixed splits"):
+        read_dataset("digits", fractions=SplitFractions())
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        describe(str(tmp_path / "flat"), filesystem=pafs.LocalFileSystem())

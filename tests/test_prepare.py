@@ -1,0 +1,152 @@
+"""jobs/prepare.py on a real local Ray: catalog and folder sources to local and S3 (moto) shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray.data
+
+from jobs import prepare as prepare_job
+from jobs.prepare import PrepareConfig, prepare
+from pipelines.datasets import DatasetNotInstalledError, describe, read_dataset
+
+if TYPE_CHECKING:
+    from conftest import S3Server
+
+# moto first: Ray workers inherit the AWS_* variables only if they exist when Ray starts.
+pytestmark = pytest.mark.usefixtures("moto_s3", "ray_local")
+
+
+def rows(ds: ray.data.Dataset) -> dict[str, tuple[bytes, int, str]]:
+    return {r["key"]: (r["image"], r["label"], r["split"]) for r in ds.take_all()}
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    """Every file under root with its mtime in ns: proves a rerun touched nothing."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_prepare_tuxpaint_shards_and_rerun_is_idempotent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        info = describe("tuxpaint")
+    except DatasetNotInstalledError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "tux"
+    assert prepare_job.main(["tuxpaint", str(out), "--rows-per-shard", "64"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert printed["checksum"] == manifest["checksum"] and not printed["skipped"]
+    assert manifest["dataset"] == "tuxpaint" and tuple(manifest["class_names"]) == info.class_names
+    assert manifest["num_rows"] == 397
+    per_class = {
+        c: sum(manifest["counts"][s][c] for s in manifest["counts"]) for c in info.class_names
+    }
+    assert per_class == {
+        "animals": 146,
+        "food": 67,
+        "household": 33,
+        "plants": 39,
+        "town": 78,
+        "vehicles": 34,
+    }
+    assert {s: sum(c.values()) for s, c in manifest["counts"].items()} == info.split_sizes
+
+    keys = []
+    for shard in manifest["shards"]:
+        data = (out / shard["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+        table = pq.read_table(out / shard["path"])
+        assert table.column_names == ["key", "image", "label", "split"]
+        assert table.num_rows == shard["num_rows"] <= 64
+        assert set(table["split"].to_pylist()) == {shard["split"]}
+        keys += [(shard["split"], k) for k in table["key"].to_pylist()]
+    assert keys == sorted(keys)  # shards in (split, key) order: deterministic content
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", *(s["path"] for s in manifest["shards"])]
+    )  # no temporary files left
+    assert describe(str(out)) == info
+
+    before = snapshot(out)
+    again = prepare(PrepareConfig("tuxpaint", str(out), rows_per_shard=64))
+    assert again.skipped and again.checksum == manifest["checksum"]
+    assert snapshot(out) == before
+
+
+def test_prepare_folder_to_s3_reads_back_and_tracks_changes(
+    digits_folder: Path, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    source = tmp_path / "digits"
+    pafs.copy_files(str(digits_folder), str(source))
+    output = f"s3://{moto_s3.bucket}/shards/digits"
+    first = prepare(PrepareConfig(str(source), output, rows_per_shard=4))
+    assert first.num_rows == 26 and len(first.written) >= 7
+    fs, root = moto_s3.filesystem, output.removeprefix("s3://")
+
+    def listing() -> dict[str, int | None]:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        return {i.path: i.mtime_ns for i in infos if i.type == pafs.FileType.File}
+
+    assert describe(output).class_names == ("seven", "three", "zero")
+    before = listing()
+    assert prepare(PrepareConfig(str(source), output, rows_per_shard=4)).skipped
+    assert listing() == before
+
+    (source / "zero" / "zero_1.png").unlink()  # the source changes: the next run rebuilds
+    second = prepare(PrepareConfig(str(source), output, rows_per_shard=4))
+    assert not second.skipped and second.num_rows == 25 and second.checksum != first.checksum
+    manifest = json.loads(fs.open_input_stream(f"{root}/manifest.json").read())
+    assert sorted(listing()) == sorted(
+        [f"{root}/manifest.json", *(f"{root}/{s['path']}" for s in manifest["shards"])]
+    )  # stale shards and temporary files are gone
+    assert rows(read_dataset(output)) == rows(read_dataset(str(source)))
+
+
+def test_interrupted_run_leaves_the_old_manifest_valid_and_force_rewrites_nothing(
+    digits_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, out = tmp_path / "digits", tmp_path / "out"
+    pafs.copy_files(str(digits_folder), str(source))
+    first = prepare(PrepareConfig(str(source), str(out), rows_per_shard=5))
+    (source / "three" / "three_0.png").unlink()
+
+    calls = []
+
+    def dying_put(fs: pafs.FileSystem, path: str, data: object, tmp_dir: str) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed while writing its second shard
+        real_put(fs, path, data, tmp_dir)
+
+    real_put = prepare_job._put
+    monkeypatch.setattr(prepare_job, "_put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(str(source), str(out), rows_per_shard=5))
+    monkeypatch.undo()
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checksum"] == first.checksum
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((out / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert len(rows(read_dataset(str(out)))) == 26
+
+    finished = prepare(PrepareConfig(str(source), str(out), rows_per_shard=5))
+    assert finished.num_rows == 25 and not (out / "_tmp").exists()
+
+    before = snapshot(out)
+    forced = prepare(PrepareConfig(str(source), str(out), rows_per_shard=5, force=True))
+    assert not forced.skipped and forced.written == ()
+    assert forced.checksum == finished.checksum
+    assert snapshot(out) == before  # same bytes: nothing rewritten, not even the manifest
+
+
+def test_cli_reports_a_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert prepare_job.main([str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
+    assert "neither a catalog dataset" in capsys.readouterr().err
