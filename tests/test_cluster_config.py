@@ -1,0 +1,29 @@
+"""cluster.yaml must pass the Ray cluster launcher's own schema and consistency checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+def test_cluster_yaml_passes_ray_validation() -> None:
+    config = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))
+    validate_config(config)
+    nodes = config["available_node_types"]
+    assert config["head_node_type"] == "head"
+    assert nodes["head"]["resources"] == {"CPU": 0}
+    assert nodes["gpu_trainer"]["node_config"]["InstanceType"].startswith("p5")
+    assert nodes["cpu_ingest"]["resources"] == {"ingest": 1}
+    assert any("requirements.lock" in command for command in config["setup_commands"])
+
+
+def test_a_misspelt_field_is_caught_by_the_same_validation() -> None:
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    config["available_node_types"]["gpu_trainer"]["max_wrokers"] = 3
+    with pytest.raises(Exception, match="max_wrokers"):
+        validate_config(prepare_config(config))
