@@ -12,10 +12,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+
+if TYPE_CHECKING:
+    from conftest import S3Server
 
 from pipelines import pretrain, tracking
 from pipelines.ingest import Augmentation, IngestConfig
@@ -24,7 +29,8 @@ from vit.config import ViTConfig
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, moto_s3: S3Server) -> Iterator[Cluster]:
+    """Started after the S3 server so that every node's workers inherit its AWS variables."""
     root = tmp_path_factory.mktemp("pretrain")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     cluster = Cluster(
@@ -148,3 +154,21 @@ def test_an_elastic_run_finishes_on_the_worker_left_when_a_node_goes(
     assert result.metrics["step"] == 60
     assert result.metrics["world_size"] == 1
     cluster.add_node(num_cpus=1, resources={"trainer": 1}, object_store_memory=150 * 2**20)
+
+
+def test_checkpoints_go_to_object_storage(cluster: Cluster, moto_s3: S3Server) -> None:
+    config = tiny_config(
+        Path("unused"),
+        "s3",
+        steps=10,
+        num_workers=1,
+        eval_every=10,
+        storage_path=f"s3://{moto_s3.bucket}/checkpoints",
+    )
+    result = pretrain.run(config)
+    assert result.checkpoint_path.startswith(f"{moto_s3.bucket}/checkpoints/s3/checkpoint_")
+    assert pretrain.has_checkpoints(config)
+    listing = moto_s3.filesystem.get_file_info(
+        pafs.FileSelector(f"{result.checkpoint_path}/model", recursive=False)
+    )
+    assert sorted(info.base_name for info in listing) == ["model.safetensors", "vit.json"]
