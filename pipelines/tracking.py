@@ -114,3 +114,21 @@ class MetricLog:
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
         self.last_logged = step
+
+
+def register_model(
+    name: str,
+    run_id: str,
+    artifact_path: str,
+    tags: dict[str, str],
+    alias: str,
+    uri: str | None = None,
+) -> str:
+    """Register a run's artifact folder as a new version of `name` and point `alias` at it."""
+    mlflow = client(uri)
+    if not mlflow.search_registered_models(filter_string=f"name = '{name}'"):
+        mlflow.create_registered_model(name)
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags)
+    mlflow.set_registered_model_alias(name, alias, version.version)
+    return version.version

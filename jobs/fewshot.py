@@ -1,0 +1,64 @@
+"""Few-shot linear evaluation of a checkpoint (the ViT paper's ridge-regression probe).
+
+    python -m jobs.fewshot --checkpoint runs/ckpt/model --dataset digits [--shots 1 5 10 25]
+    ray job submit --working-dir . -- python -m jobs.fewshot --checkpoint DIR --dataset NAME
+
+``--checkpoint`` is a ``vit.checkpoint`` directory (or a pretraining checkpoint holding one under
+``model/``). Accuracy is the mean (and std) over ``--seeds`` draws of k training images per
+class; the L2 strength is chosen on a held-out slice of the train split, never on test. The run is
+logged to MLflow with ``vitray_stage=fewshot`` and the checkpoint's own run id as
+``vitray_parent_checkpoint_run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jobs.common import connect
+from pipelines.fewshot import run_fewshot
+from vit.evaluate import DEFAULT_SHOTS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="vit checkpoint directory")
+    parser.add_argument("--dataset", required=True, help="catalog name, folder or shard URI")
+    parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
+    parser.add_argument("--seeds", type=int, default=3, help="number of draws per shot count")
+    parser.add_argument(
+        "--max-train-rows", type=int, default=20_000, help="cap on train rows featurised"
+    )
+    parser.add_argument("--dev-per-class", type=int, default=10, help="held out to pick L2")
+    parser.add_argument("--experiment", default="vitray", help="MLflow experiment")
+    parser.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
+    )
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or min(args.shots) < 1:
+        parser.error("--seeds and --shots must be positive")
+    connect(args.address)
+    result = run_fewshot(
+        args.checkpoint,
+        args.dataset,
+        args.shots,
+        args.seeds,
+        max_train_rows=args.max_train_rows,
+        dev_per_class=args.dev_per_class,
+        experiment=args.experiment,
+    )
+    print(
+        f"[fewshot] {args.dataset}: {result['num_classes']} classes, "
+        f"{result['train_rows']} train / {result['test_rows']} test images, "
+        f"{args.seeds} seeds (chance {1 / result['num_classes']:.1%})"
+    )
+    print(f"{'shots':>6} {'accuracy':>9} {'std':>7}")
+    for shots, (mean, std) in sorted(result["accuracy"].items()):
+        print(f"{shots:>6} {mean:>9.2%} {std:>7.2%}")
+    print(f"[fewshot] MLflow run {result['run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Serve registered champions over HTTP with Ray Serve.
+
+    python -m jobs.serve --datasets mnist-5k digits tuxpaint            # models:/vit-<d>@champion
+    python -m jobs.serve --model my-vit=runs/some/checkpoint/model --port 8000
+
+Listens on 127.0.0.1 unless --host says otherwise; set VITRAY_API_TOKEN to require a bearer
+token. Runs until interrupted (Ctrl-C), or returns at once with --detach on a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ray import serve
+
+from jobs.common import connect
+from pipelines.serve import ServeConfig, build_app, champions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="*", default=[], help="serve vit-<dataset>@champion")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=REF",
+        help="a checkpoint directory or models:/ URI under a name",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--detach", action="store_true", help="return once deployed")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+    args = parser.parse_args(argv)
+    models = champions(args.datasets)
+    for item in args.model:
+        name, _, reference = item.partition("=")
+        models[name] = reference
+    if not models:
+        parser.error("name at least one model with --datasets or --model")
+    connect(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    config = ServeConfig(
+        models=models, default_model=next(iter(models)), max_batch_size=args.max_batch_size
+    )
+    serve.run(build_app(config), name="vitray", route_prefix="/")
+    print(
+        f"[serve] http://{args.host}:{args.port}/v1/predict serving {sorted(models)}; "
+        f"API docs at http://{args.host}:{args.port}/docs",
+        flush=True,
+    )
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

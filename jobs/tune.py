@@ -1,0 +1,37 @@
+"""Fine-tune a pretrained checkpoint on downstream datasets with Ray Tune.
+
+    python -m jobs.tune --config configs/finetune_demo.py --set checkpoint=runs/.../model
+    python -m jobs.tune --config configs/finetune_demo.py --scratch   # the from-scratch baseline
+
+Prints a results table per dataset (dev and test accuracy, chosen learning rate, trials run,
+stopped early, failed, time) and registers each dataset's best model as `vit-<dataset>@champion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from jobs.common import add_common_arguments, connect, load_config
+from pipelines import finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument(
+        "--scratch", action="store_true", help="train from random weights (the baseline)"
+    )
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.smoke, args.set)
+    if args.scratch:
+        config = dataclasses.replace(config, from_scratch=True, register=False)
+    connect(args.address)
+    outcomes = finetune.run(config)
+    print(finetune.format_table(outcomes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

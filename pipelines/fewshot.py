@@ -1,0 +1,170 @@
+"""Few-shot linear evaluation of a checkpoint on a dataset, recorded in MLflow.
+
+The paper's cheap probe of a representation (``vit.evaluate``): frozen pre-logits features of the
+train and test splits, ridge regression on k examples per class, test accuracy averaged over
+seeds. Images are decoded and patchified on Ray Data with the checkpoint's own evaluation
+preprocessing; features are computed on the driver (GPU when there is one), which suits the
+small sets few-shot evaluation uses. ``run_fewshot`` is what ``jobs/fewshot.py`` and later
+pipeline stages call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+import torch
+from mlflow.entities import Metric
+
+from pipelines import tracking
+from pipelines.datasets import describe, read_dataset
+from pipelines.ingest import DataErrorTracker, IngestConfig, to_tokens
+from vit import checkpoint as vit_checkpoint
+from vit.config import ViTConfig
+from vit.evaluate import DEFAULT_L2_GRID, DEFAULT_SHOTS, extract_features, fewshot_evaluate
+
+STAGE = "fewshot"
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A ``vit.checkpoint`` directory, or a Ray Train checkpoint holding one under ``model/``
+    (what ``pipelines.pretrain`` writes). Local paths only."""
+    directory = Path(path)
+    if not (directory / vit_checkpoint.METADATA_FILE).is_file():
+        nested = directory / "model"
+        if (nested / vit_checkpoint.METADATA_FILE).is_file():
+            return nested
+    return directory
+
+
+def metric_name(shots: int, std: bool = False) -> str:
+    return f"fewshot/{shots}shot_accuracy" + ("_std" if std else "")
+
+
+def run_fewshot(
+    checkpoint_dir: str | os.PathLike[str],
+    dataset: str,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: int | Sequence[int] = 3,
+    *,
+    max_train_rows: int | None = 20_000,
+    max_test_rows: int | None = None,
+    dev_per_class: int = 10,
+    batch_size: int = 256,
+    device: str | None = None,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    uri: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint_dir`` few-shot on ``dataset`` and log it as one MLflow run.
+
+    ``seeds``: a count (seeds 0..n-1) or the seeds themselves. ``max_train_rows`` /
+    ``max_test_rows`` cap the rows featurised per split by a hash of each row's key (the same
+    rows on every run, classes kept in proportion); they apply where the split size is known
+    up front (catalog sets, prepared shards). The dev set that picks the L2 strength is the
+    last ``dev_per_class`` train rows of each class (see ``vit.evaluate.fewshot_evaluate``).
+
+    Returns {"run_id", "accuracy": {shots: (mean, std)}, "metrics", "train_rows",
+    "test_rows", "num_classes", "bad_images"}.
+    """
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    shot_list = [int(k) for k in shots]
+    if not seed_list or not shot_list:
+        raise ValueError("need at least one seed and one shot count")
+    directory = resolve_checkpoint(checkpoint_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = vit_checkpoint.load(directory, map_location=device)
+    info = describe(dataset)
+    uri = uri or tracking.tracking_uri()
+    tags = {"vitray_stage": STAGE, "vitray_dataset": dataset, "vitray_checkpoint": str(directory)}
+    parent = meta.provenance.get("mlflow_run_id")
+    if parent:
+        tags["vitray_parent_checkpoint_run"] = str(parent)
+    run_name = f"fewshot-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.start_run(run_name, experiment=experiment, tags=tags, uri=uri)
+    mlflow = tracking.client(uri)
+    try:
+        params = {
+            "checkpoint": str(directory),
+            "dataset": dataset,
+            "shots": shot_list,
+            "seeds": seed_list,
+            "dev_per_class": dev_per_class,
+            "l2_grid": f"2^-10..2^19 ({len(DEFAULT_L2_GRID)} values)",
+            "max_train_rows": max_train_rows,
+            "max_test_rows": max_test_rows,
+            "model": meta.config.to_dict(),
+        }
+        tracking.log_params(run_id, params, uri)
+        tracker = DataErrorTracker.remote()
+        sizes = info.split_sizes or {}
+        features = {}
+        for split, cap in (("train", max_train_rows), ("test", max_test_rows)):
+            tokens = _split_tokens(dataset, split, meta.config, cap, sizes.get(split), tracker)
+            batches = tokens.iter_batches(batch_size=batch_size, batch_format="numpy")
+            features[split] = extract_features(model, batches, device)
+        bad = int(ray.get(tracker.summary.remote())["bad"])
+        (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+        accuracy = fewshot_evaluate(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            info.num_classes,
+            shot_list,
+            seed_list,
+            dev_per_class=dev_per_class,
+        )
+        metrics = {"data/bad_images": float(bad)}
+        for k, (mean, std) in accuracy.items():
+            metrics[metric_name(k)] = mean
+            metrics[metric_name(k, std=True)] = std
+        now = int(time.time() * 1000)
+        mlflow.log_batch(run_id, metrics=[Metric(n, v, now, 0) for n, v in metrics.items()])
+    except BaseException:
+        mlflow.set_terminated(run_id, "FAILED")
+        raise
+    mlflow.set_terminated(run_id)
+    return {
+        "run_id": run_id,
+        "accuracy": accuracy,
+        "metrics": metrics,
+        "train_rows": len(train_y),
+        "test_rows": len(test_y),
+        "num_classes": info.num_classes,
+        "bad_images": bad,
+    }
+
+
+def _split_tokens(
+    dataset: str,
+    split: str,
+    config: ViTConfig,
+    cap: int | None,
+    size: int | None,
+    tracker: ray.actor.ActorHandle,
+) -> ray.data.Dataset:
+    """Evaluation tokens of one split, in a deterministic order (the dev slice and the shot
+    sampling depend on it), optionally thinned to about ``cap`` rows by key hash."""
+    rows = read_dataset(dataset, split)
+    if cap is not None and size and size > cap:
+        rows = rows.map_batches(
+            _keep_by_key_hash, batch_format="pyarrow", fn_kwargs={"fraction": cap / size}
+        )
+    tokens = to_tokens(rows, config, ingest=IngestConfig(), tracker=tracker)
+    tokens.context.execution_options.preserve_order = True
+    return tokens
+
+
+def _keep_by_key_hash(batch: pa.Table, *, fraction: float) -> pa.Table:
+    """Ray Data map: keep a row when the CRC32 of its key falls in the lowest ``fraction``."""
+    limit = fraction * 2**32
+    keep = [zlib.crc32(str(key).encode()) < limit for key in batch["key"].to_pylist()]
+    return batch.filter(pc.cast(pa.array(keep), pa.bool_()))

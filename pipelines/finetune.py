@@ -1,0 +1,356 @@
+"""Transfer: Ray Tune fine-tunes one pretrained checkpoint on several downstream datasets.
+
+The paper's protocol is the default: SGD with momentum 0.9, no weight decay, clipping at global
+norm 1, cosine decay after a short warmup, the head replaced by a zero-initialised linear layer,
+optionally a higher resolution with the position embedding resampled, and the learning rate
+chosen from {0.001, 0.003, 0.01, 0.03} on the dev split. ASHA stops weak trials early.
+
+Accuracies of different datasets are not comparable, so each dataset gets its own Tuner (its own
+ASHA brackets). The best trial per dataset is evaluated once on the test split and registered in
+MLflow as `vit-<dataset>` with the alias `champion`. With `from_scratch` the same search runs on a
+randomly initialised model of the same architecture: the paper's baseline, one flag away.
+
+Downstream sets are small, so each one is tokenised once with Ray Data and shared with its
+trials through the object store instead of being decoded again by every trial.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from pipelines import tracking
+from pipelines.datasets import describe, read_dataset
+from pipelines.ingest import IngestConfig, to_tokens
+from pipelines.training import warmup_then_decay
+from vit import checkpoint as vit_checkpoint
+from vit.config import ViTConfig
+from vit.model import VisionTransformer
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A sweep: one checkpoint, several datasets, a learning-rate grid and a step budget."""
+
+    checkpoint: str  # a vit checkpoint directory
+    datasets: tuple[str, ...] = ("mnist-5k", "digits", "tuxpaint")
+    learning_rates: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)
+    steps: int = 500
+    batch_size: int = 512
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    momentum: float = 0.9
+    image_size: int | None = None  # fine-tune at another resolution (pos-embed resampled)
+    eval_every: int = 100  # one report per evaluation: ASHA's unit of time
+    grace_evaluations: int = 1  # evaluations before ASHA may stop a trial
+    from_scratch: bool = False
+    cpus_per_trial: float = 1.0
+    max_concurrent_trials: int | None = None
+    storage_path: str = "runs/tune"
+    sweep_name: str = "finetune"
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    register: bool = True
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetOutcome:
+    """The chosen model for one dataset and how the search went."""
+
+    dataset: str
+    dev_accuracy: float
+    test_accuracy: float
+    learning_rate: float
+    checkpoint_path: str
+    run_id: str
+    model_version: str | None
+    trials: int
+    stopped_early: int
+    failed: int
+    seconds: float
+
+
+def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[DatasetOutcome]:
+    """Run the sweep dataset by dataset; returns one outcome per dataset."""
+    _, meta = vit_checkpoint.load(config.checkpoint)
+    uri = tracking.tracking_uri()
+    kind = "scratch" if config.from_scratch else "finetune"
+    sweep_run = tracking.start_run(
+        f"{config.sweep_name}-{kind}",
+        experiment=config.experiment,
+        parent_run_id=parent_run_id,
+        tags={
+            "vitray_stage": kind,
+            "vitray_pretrain_run": str(meta.provenance.get("mlflow_run_id", "")),
+            "vitray_pretrain_checkpoint": str(Path(config.checkpoint).resolve()),
+        },
+        uri=uri,
+    )
+    tracking.log_params(sweep_run, config, uri)
+    pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
+    outcomes = [
+        _tune_dataset(config, meta.config, name, sweep_run, pretrain_run, uri)
+        for name in config.datasets
+    ]
+    tracking.client(uri).set_terminated(sweep_run)
+    return outcomes
+
+
+def format_table(outcomes: list[DatasetOutcome]) -> str:
+    rows = [
+        "| dataset | dev acc | test acc | lr | trials | stopped early | failed | time s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        rows.append(
+            f"| {o.dataset} | {o.dev_accuracy:.4f} | {o.test_accuracy:.4f} | {o.learning_rate} | "
+            f"{o.trials} | {o.stopped_early} | {o.failed} | {o.seconds:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def _model_config(pretrained: ViTConfig, config: FinetuneConfig, num_classes: int) -> ViTConfig:
+    size = config.image_size or pretrained.image_size
+    return pretrained.replace(num_classes=num_classes, representation_size=None, image_size=size)
+
+
+def _tokens(dataset: str, split: str, model: ViTConfig, ingest: IngestConfig) -> dict[str, Any]:
+    batches = list(
+        to_tokens(read_dataset(dataset, split), model, ingest=ingest).iter_batches(
+            batch_size=None, batch_format="numpy"
+        )
+    )
+    return {
+        "tokens": np.concatenate([b["tokens"] for b in batches]),
+        "label": np.concatenate([b["label"] for b in batches]),
+    }
+
+
+def _tune_dataset(
+    config: FinetuneConfig,
+    pretrained: ViTConfig,
+    dataset: str,
+    sweep_run: str,
+    pretrain_run: str,
+    uri: str,
+) -> DatasetOutcome:
+    start = time.perf_counter()
+    info = describe(dataset)
+    model_config = _model_config(pretrained, config, len(info.class_names))
+    kind = "scratch" if config.from_scratch else "finetune"
+    dataset_run = tracking.start_run(
+        f"{kind}-{dataset}",
+        experiment=config.experiment,
+        parent_run_id=sweep_run,
+        tags={"vitray_stage": kind, "vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
+        uri=uri,
+    )
+    data = {
+        split: ray.put(_tokens(dataset, split, model_config, config.ingest))
+        for split in ("train", "dev")
+    }
+    trainable = tune.with_parameters(
+        tune.with_resources(_trial, {"CPU": config.cpus_per_trial}),
+        config=config,
+        model_config=model_config,
+        train_ref=data["train"],
+        dev_ref=data["dev"],
+        class_names=list(info.class_names),
+        dataset=dataset,
+        parent_run=dataset_run,
+        uri=uri,
+    )
+    evaluations = max(1, math.ceil(config.steps / config.eval_every))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"learning_rate": tune.grid_search(list(config.learning_rates))},
+        tune_config=tune.TuneConfig(
+            scheduler=ASHAScheduler(
+                metric="dev_accuracy",
+                mode="max",
+                max_t=evaluations,
+                grace_period=min(config.grace_evaluations, evaluations),
+            ),
+            max_concurrent_trials=config.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{config.sweep_name}-{kind}-{dataset}",
+            storage_path=str(Path(config.storage_path).resolve()),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    grid = tuner.fit()
+    failed = [r for r in grid if r.error is not None]
+    finished = [r for r in grid if r.error is None and r.metrics]
+    if not finished:
+        raise RuntimeError(f"every trial failed on {dataset}: {failed[0].error if failed else ''}")
+    best = max(finished, key=lambda r: r.metrics["dev_accuracy"])
+    stopped = sum(1 for r in finished if r.metrics.get("step", 0) < config.steps)
+    with best.checkpoint.as_directory() as directory:
+        model, _ = vit_checkpoint.load(Path(directory))
+        test = _tokens(dataset, "test", model.config, config.ingest)
+        test_accuracy = _accuracy(model, test)
+        mlflow = tracking.client(uri)
+        mlflow.log_artifacts(dataset_run, directory, "checkpoint")
+    learning_rate = float(best.config["learning_rate"])
+    for key, value in {
+        "dev/accuracy": float(best.metrics["dev_accuracy"]),
+        "test/accuracy": test_accuracy,
+        "trials": len(grid),
+        "trials_stopped_early": stopped,
+        "trials_failed": len(failed),
+    }.items():
+        mlflow.log_metric(dataset_run, key, value)
+    mlflow.log_param(dataset_run, "best_learning_rate", learning_rate)
+    if failed:
+        reasons = {str(r.config["learning_rate"]): str(r.error)[-500:] for r in failed}
+        mlflow.log_dict(dataset_run, reasons, "failed_trials.json")
+        mlflow.set_tag(dataset_run, "vitray_failed_trials", ", ".join(sorted(reasons)))
+    version = None
+    if config.register and not config.from_scratch:
+        version = tracking.register_model(
+            f"vit-{dataset}",
+            dataset_run,
+            "checkpoint",
+            tags={"vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
+            alias=CHAMPION,
+            uri=uri,
+        )
+    mlflow.set_terminated(dataset_run)
+    return DatasetOutcome(
+        dataset=dataset,
+        dev_accuracy=float(best.metrics["dev_accuracy"]),
+        test_accuracy=test_accuracy,
+        learning_rate=learning_rate,
+        checkpoint_path=best.checkpoint.path,
+        run_id=dataset_run,
+        model_version=version,
+        trials=len(grid),
+        stopped_early=stopped,
+        failed=len(failed),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def _accuracy(model: VisionTransformer, data: dict[str, np.ndarray], batch: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data["label"]), batch):
+        tokens = torch.from_numpy(data["tokens"][start : start + batch])
+        labels = torch.from_numpy(data["label"][start : start + batch])
+        correct += int((model(tokens).argmax(-1) == labels).sum())
+    return correct / max(1, len(data["label"]))
+
+
+# ------------------------------------------------------------------------------ trial side
+def _trial(
+    params: dict[str, Any],
+    *,
+    config: FinetuneConfig,
+    model_config: ViTConfig,
+    train_ref: Any,
+    dev_ref: Any,
+    class_names: list[str],
+    dataset: str,
+    parent_run: str,
+    uri: str,
+) -> None:
+    """One fine-tune: build the model, train `steps` SGD steps, report dev accuracy."""
+    learning_rate = float(params["learning_rate"])
+    torch.manual_seed(config.seed)
+    train, dev = train_ref, dev_ref  # tune.with_parameters resolves the object refs
+    model = _initial_model(config, model_config)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=learning_rate, momentum=config.momentum, weight_decay=0.0
+    )
+    scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, "cosine")
+    step = 0
+    restored = tune.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            model, _ = vit_checkpoint.load(Path(directory))
+            state = torch.load(Path(directory) / "trial_state.pt", weights_only=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=config.momentum)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, "cosine")
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+    trial_name = tune.get_context().get_trial_name()
+    run_id = tracking.start_run(
+        trial_name,
+        experiment=config.experiment,
+        parent_run_id=parent_run,
+        tags={"vitray_stage": "trial", "vitray_dataset": dataset},
+        uri=uri,
+    )
+    mlflow = tracking.client(uri)
+    mlflow.log_param(run_id, "learning_rate", learning_rate)
+    rng = np.random.default_rng([config.seed, step])
+    count = len(train["label"])
+    batch = min(config.batch_size, count)
+    model.train()
+    while step < config.steps:
+        index = rng.choice(count, size=batch, replace=False)
+        tokens = torch.from_numpy(train["tokens"][index])
+        labels = torch.from_numpy(train["label"][index])
+        loss = torch.nn.functional.cross_entropy(model(tokens), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {step} (lr {learning_rate})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if step % config.eval_every and step != config.steps:
+            continue
+        dev_accuracy = _accuracy(model, dev)
+        model.train()
+        metrics = {"dev_accuracy": dev_accuracy, "train_loss": float(loss), "step": step}
+        mlflow.log_metric(run_id, "dev/accuracy", dev_accuracy, step=step)
+        mlflow.log_metric(run_id, "train/loss", float(loss), step=step)
+        with tempfile.TemporaryDirectory() as directory:
+            provenance = {
+                "dataset": dataset,
+                "stage": "finetune",
+                "step": step,
+                "trial": trial_name,
+            }
+            vit_checkpoint.save(model, directory, class_names=class_names, provenance=provenance)
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                },
+                Path(directory) / "trial_state.pt",
+            )
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    mlflow.set_terminated(run_id)
+
+
+def _initial_model(config: FinetuneConfig, model_config: ViTConfig) -> VisionTransformer:
+    """The pretrained weights with a new zero head (and resampled positions), or a fresh model."""
+    if config.from_scratch:
+        return VisionTransformer(model_config)
+    model, _ = vit_checkpoint.load(config.checkpoint)
+    model.reset_classifier(model_config.num_classes)
+    if model.config.image_size != model_config.image_size:
+        model.resize_pos_embed(model_config.image_size)
+    return model

@@ -1,0 +1,370 @@
+"""Ray Serve: every dataset's champion behind one HTTP endpoint, with dynamic batching.
+
+One deployment serves many models: a request names its model (`vit-digits`, a registry URI, or
+nothing for the default), the replica loads it on demand into a bounded LRU cache (Serve model
+multiplexing), and `@serve.batch` groups concurrent requests so the model runs on batches.
+
+Requests are preprocessed by `pipelines.ingest.image_to_tokens` with the checkpoint's own config,
+the same function the training pipeline used. Hostile input never reaches the model: empty or
+oversized bodies, unsupported content types, undecodable or gigantic images, bad JSON or base64,
+and out-of-range `top_k` all get a 4xx with a JSON reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from pipelines import tracking
+from pipelines.ingest import BadImageError, image_to_tokens
+from vit import checkpoint as vit_checkpoint
+from vit.model import VisionTransformer
+
+TOKEN_ENV = "VITRAY_API_TOKEN"
+MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the endpoint runs; safe defaults (loopback only, bounded bodies and pixels)."""
+
+    models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint dir or models:/ URI
+    default_model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 64  # Serve's default of 5 would cap every batch at 5
+    num_replicas: int | str = 1
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: int = 16
+    num_cpus: float = 1.0
+    use_gpu: bool = False
+    max_body_bytes: int = 10 * 2**20
+    max_image_pixels: int = 40_000_000
+    max_top_k: int = 20
+    max_batch_images: int = 32
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: VisionTransformer
+    class_names: tuple[str, ...]
+    identity: dict[str, Any]
+
+
+def resolve_model(reference: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint directory for a local path or a `models:/name@alias` / `models:/name/N` URI."""
+    if not reference.startswith("models:/"):
+        return Path(reference), {"source": reference, "version": None, "run_id": None}
+    mlflow = tracking.client()
+    spec = reference.removeprefix("models:/")
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        version = mlflow.get_model_version_by_alias(name, alias)
+    else:
+        name, number = spec.rsplit("/", 1)
+        version = mlflow.get_model_version(name, number)
+    target = cache_dir / f"{name}-v{version.version}"
+    if not (target / vit_checkpoint.METADATA_FILE).exists():
+        from mlflow.artifacts import download_artifacts
+
+        download_artifacts(
+            artifact_uri=version.source, dst_path=str(target), tracking_uri=tracking.tracking_uri()
+        )
+        nested = target / "checkpoint"
+        if nested.is_dir():
+            target = nested
+    if (target / "checkpoint").is_dir():
+        target = target / "checkpoint"
+    identity = {"source": reference, "version": version.version, "run_id": version.run_id}
+    return target, identity
+
+
+def load_model(name: str, reference: str, device: torch.device, cache_dir: Path) -> LoadedModel:
+    directory, identity = resolve_model(reference, cache_dir)
+    model, meta = vit_checkpoint.load(directory, map_location=device)
+    model.eval()
+    class_names = meta.class_names or tuple(str(i) for i in range(meta.config.num_classes))
+    identity = {
+        "name": name,
+        **identity,
+        "dataset": meta.provenance.get("dataset"),
+        "classes": list(class_names),
+        "preprocessing": meta.config.to_dict()["preprocessing"],
+        "image_size": list(meta.config.image_size),
+        "provenance": meta.provenance,
+    }
+    return LoadedModel(name, model, class_names, identity)
+
+
+app = FastAPI(
+    title="vitray",
+    description="Vision Transformer image classification: every dataset's champion model.",
+    version="1",
+)
+
+
+def _error(status: int, reason: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=reason)
+
+
+@serve.deployment
+@serve.ingress(app)
+class ViTService:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.device = torch.device(
+            "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
+        )
+        self.cache_dir = Path(os.environ.get("VITRAY_MODEL_CACHE", "/tmp/vitray-models"))
+        self.token = os.environ.get(TOKEN_ENV)
+        self.batch_sizes: list[int] = []
+        self.predict_batched.set_max_batch_size(config.max_batch_size)
+        self.predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    # ----------------------------------------------------------------- models
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def get_model(self, name: str) -> LoadedModel:
+        reference = self.config.models.get(name)
+        if reference is None:
+            raise _error(404, f"unknown model {name!r}; known: {sorted(self.config.models)}")
+        return await asyncio.to_thread(load_model, name, reference, self.device, self.cache_dir)
+
+    async def _model_for(self, requested: str | None) -> LoadedModel:
+        name = requested or serve.get_multiplexed_model_id() or self.config.default_model
+        if not name:
+            raise _error(400, f"name a model: one of {sorted(self.config.models)}")
+        if name not in self.config.models:
+            raise _error(404, f"unknown model {name!r}; known: {sorted(self.config.models)}")
+        return await self.get_model(name)
+
+    # ----------------------------------------------------------------- batching
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predict_batched(
+        self, items: list[tuple[LoadedModel, np.ndarray]]
+    ) -> list[np.ndarray]:
+        """One forward pass per model present in the batch; returns class probabilities."""
+        self.batch_sizes.append(len(items))
+        del self.batch_sizes[:-1000]
+        results: list[np.ndarray | None] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for index, (loaded, _) in enumerate(items):
+            groups.setdefault(id(loaded), []).append(index)
+        for indices in groups.values():
+            loaded = items[indices[0]][0]
+            tokens = torch.from_numpy(np.stack([items[i][1] for i in indices])).to(self.device)
+            with torch.inference_mode():
+                probs = loaded.model(tokens).float().softmax(-1).cpu().numpy()
+            for row, index in enumerate(indices):
+                results[index] = probs[row]
+        return results
+
+    async def _predict(
+        self, loaded: LoadedModel, images: list[bytes], top_k: int
+    ) -> list[list[dict[str, Any]]]:
+        if not 1 <= top_k <= min(self.config.max_top_k, len(loaded.class_names)):
+            limit = min(self.config.max_top_k, len(loaded.class_names))
+            raise _error(422, f"top_k must be between 1 and {limit}, got {top_k}")
+        tokens = []
+        for index, data in enumerate(images):
+            try:
+                tokens.append(
+                    image_to_tokens(
+                        data, loaded.model.config, max_image_pixels=self.config.max_image_pixels
+                    )
+                )
+            except BadImageError as error:
+                where = f"image {index}: " if len(images) > 1 else ""
+                raise _error(422, f"{where}{error}") from None
+        probabilities = await asyncio.gather(*(self.predict_batched((loaded, t)) for t in tokens))
+        return [self._top_k(loaded, p, top_k) for p in probabilities]
+
+    @staticmethod
+    def _top_k(loaded: LoadedModel, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
+        order = np.argsort(-probs)[:k]
+        return [
+            {"label": loaded.class_names[i], "index": int(i), "score": float(probs[i])}
+            for i in order
+        ]
+
+    # ----------------------------------------------------------------- request parsing
+    def _authorise(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        supplied = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(supplied.encode(), self.token.encode()):
+            raise _error(401, "missing or wrong bearer token")
+
+    def _check_declared_size(self, request: Request) -> None:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            raise _error(413, f"body of {declared} bytes exceeds {self.config.max_body_bytes}")
+
+    async def _body(self, request: Request) -> bytes:
+        self._check_declared_size(request)
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > self.config.max_body_bytes:
+                raise _error(413, f"body exceeds {self.config.max_body_bytes} bytes")
+        if not body:
+            raise _error(400, "empty request body")
+        return bytes(body)
+
+    async def _images(self, request: Request) -> tuple[list[bytes], dict[str, Any]]:
+        """Images and options from raw bytes, multipart files or JSON with base64."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        options: dict[str, Any] = dict(request.query_params)
+        if content_type.startswith("image/") or content_type == "application/octet-stream":
+            return [await self._body(request)], options
+        if content_type == "multipart/form-data":
+            self._check_declared_size(request)
+            form = await request.form()
+            images = [await f.read() for key, f in form.multi_items() if hasattr(f, "read")]
+            options.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
+            if not images:
+                raise _error(400, "multipart body has no file part")
+            return images, options
+        if content_type == "application/json":
+            return self._json_images(await self._body(request), options)
+        raise _error(
+            415,
+            f"unsupported content type {content_type or '(none)'}; use image/*, "
+            "multipart/form-data or application/json",
+        )
+
+    @staticmethod
+    def _json_images(body: bytes, options: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise _error(400, f"malformed JSON: {error}") from None
+        if not isinstance(payload, dict):
+            raise _error(400, "JSON body must be an object")
+        encoded = payload.get("images") or ([payload["image"]] if "image" in payload else None)
+        if not encoded or not all(isinstance(e, str) for e in encoded):
+            raise _error(400, 'JSON body needs "image" (base64 string) or "images" (list)')
+        try:
+            images = [base64.b64decode(e, validate=True) for e in encoded]
+        except (binascii.Error, ValueError):
+            raise _error(400, "image is not valid base64") from None
+        options.update({k: v for k, v in payload.items() if k not in ("image", "images")})
+        return images, options
+
+    @staticmethod
+    def _int_option(options: dict[str, Any], name: str, default: int) -> int:
+        value = options.get(name, default)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise _error(422, f"{name} must be an integer, got {value!r}") from None
+
+    # ----------------------------------------------------------------- routes
+    @app.post("/v1/predict")
+    async def predict(self, request: Request) -> JSONResponse:
+        self._authorise(request)
+        images, options = await self._images(request)
+        if len(images) != 1:
+            raise _error(400, "send one image to /v1/predict; use /v1/predict/batch for several")
+        loaded = await self._model_for(options.get("model"))
+        start = time.perf_counter()
+        [predictions] = await self._predict(loaded, images, self._int_option(options, "top_k", 5))
+        return JSONResponse(
+            {
+                "predictions": predictions,
+                "model": self._identity(loaded),
+                "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+            }
+        )
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(self, request: Request) -> JSONResponse:
+        self._authorise(request)
+        images, options = await self._images(request)
+        if len(images) > self.config.max_batch_images:
+            raise _error(
+                413, f"{len(images)} images exceed the limit of {self.config.max_batch_images}"
+            )
+        loaded = await self._model_for(options.get("model"))
+        results = await self._predict(loaded, images, self._int_option(options, "top_k", 5))
+        return JSONResponse(
+            {"results": [{"predictions": p} for p in results], "model": self._identity(loaded)}
+        )
+
+    @app.get("/v1/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(self.config.models)}
+
+    @app.get("/v1/model")
+    async def model_info(self, request: Request, model: str | None = None) -> dict[str, Any]:
+        self._authorise(request)
+        return (await self._model_for(model)).identity
+
+    @app.get("/v1/stats")
+    async def stats(self) -> dict[str, Any]:
+        """Batch sizes the model saw recently: how well dynamic batching is working."""
+        sizes = self.batch_sizes
+        return {"batches": len(sizes), "max_batch": max(sizes, default=0), "recent": sizes[-50:]}
+
+    @staticmethod
+    def _identity(loaded: LoadedModel) -> dict[str, Any]:
+        keys = ("name", "version", "run_id", "dataset")
+        return {k: loaded.identity.get(k) for k in keys}
+
+    def check_health(self) -> None:
+        """Serve's health probe: a replica whose model device vanished is restarted."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    """The Serve application for `serve.run`, `jobs/serve.py` and `serve deploy`."""
+    actor_options: dict[str, Any] = {"num_cpus": config.num_cpus, "num_gpus": int(config.use_gpu)}
+    # Replicas resolve registry URIs against the caller's tracking server and see its token.
+    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    if TOKEN_ENV in os.environ:
+        env[TOKEN_ENV] = os.environ[TOKEN_ENV]
+    actor_options["runtime_env"] = {"env_vars": env}
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "ray_actor_options": actor_options,
+        "health_check_period_s": 10,
+    }
+    if config.num_replicas == "auto":
+        options["autoscaling_config"] = {
+            "min_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.num_replicas
+    return ViTService.options(**options).bind(config)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for `serve deploy configs/serve.yaml` (its `args` are ServeConfig fields)."""
+    return build_app(ServeConfig(**args))
+
+
+def champions(datasets: list[str]) -> dict[str, str]:
+    """Model table serving each dataset's registered champion."""
+    return {f"vit-{d}": f"models:/vit-{d}@champion" for d in datasets}

@@ -1,0 +1,71 @@
+"""Ray Tune transfer sweep on local Ray with a real MLflow registry (SQLite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines import finetune, tracking
+from pipelines.finetune import FinetuneConfig
+from vit import VisionTransformer, ViTConfig
+from vit import checkpoint as vit_checkpoint
+
+
+@pytest.fixture
+def pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        width=32,
+        depth=2,
+        mlp_dim=64,
+        num_heads=2,
+        num_classes=10,
+        representation_size=32,
+    )
+    path = tmp_path / "pretrained"
+    vit_checkpoint.save(VisionTransformer(config), path, provenance={"mlflow_run_id": "pre123"})
+    return path
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    config = FinetuneConfig(
+        checkpoint=str(pretrained),
+        datasets=("digits", "mnist-5k"),
+        learning_rates=(0.1, 1e38),  # the second one overflows to inf, then NaN
+        steps=40,
+        batch_size=64,
+        warmup_steps=2,
+        eval_every=20,
+        image_size=12,  # fine-tune at a higher resolution than pretraining (8 px)
+        storage_path=str(tmp_path / "tune"),
+        sweep_name="test-sweep",
+    )
+    outcomes = finetune.run(config)
+    assert [o.dataset for o in outcomes] == ["digits", "mnist-5k"]
+    mlflow = tracking.client()
+    for outcome in outcomes:
+        assert outcome.failed == 1
+        assert outcome.trials == 2
+        assert outcome.learning_rate == 0.1
+        assert outcome.dev_accuracy > 0.2  # chance is 0.1
+        history = mlflow.get_metric_history(outcome.run_id, "test/accuracy")
+        assert len(history) == 1  # the test split is touched exactly once
+        assert history[0].value == outcome.test_accuracy
+        champion = mlflow.get_model_version_by_alias(f"vit-{outcome.dataset}", "champion")
+        assert champion.version == outcome.model_version
+        assert champion.run_id == outcome.run_id
+        assert champion.tags["vitray_pretrain_run"] == "pre123"
+        assert mlflow.get_run(outcome.run_id).data.tags["vitray_failed_trials"] == "1e+38"
+        reasons = mlflow.download_artifacts(outcome.run_id, "failed_trials.json", str(tmp_path))
+        assert "loss became" in Path(reasons).read_text()
+    meta = vit_checkpoint.read_metadata(Path(outcomes[0].checkpoint_path))
+    assert meta.config.image_size == (12, 12)
+    assert meta.config.num_classes == 10
+    assert meta.config.representation_size is None
+    print(finetune.format_table(outcomes))

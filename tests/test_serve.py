@@ -1,0 +1,236 @@
+"""Ray Serve over real HTTP: two registered champions, offline parity, batching, hostile input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import struct
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import sklearn.datasets
+import torch
+from PIL import Image
+from ray import serve
+
+from jobs import query
+from pipelines import tracking
+from pipelines.ingest import image_to_tokens
+from pipelines.serve import ServeConfig, build_app
+from vit import VisionTransformer, ViTConfig
+from vit import checkpoint as vit_checkpoint
+
+TUXPAINT = Path("/usr/share/tuxpaint/stamps")
+TUX_CLASSES = ["animals", "food", "household", "plants", "town", "vehicles"]
+
+
+def real_images() -> list[bytes]:
+    """Real photos: scikit-learn's two sample JPEGs and a few Tux Paint PNG stamps."""
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    images = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))]
+    stamps = sorted(TUXPAINT.glob("*/**/*.png"))[:4] if TUXPAINT.exists() else []
+    return images + [p.read_bytes() for p in stamps]
+
+
+def register(tmp: Path, name: str, config: ViTConfig, classes: list[str], seed: int) -> None:
+    torch.manual_seed(seed)
+    model = VisionTransformer(config)
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would tie every score
+    directory = tmp / name
+    vit_checkpoint.save(model, directory, class_names=classes, provenance={"dataset": name})
+    run_id = tracking.start_run(f"register-{name}")
+    tracking.client().log_artifacts(run_id, str(directory), "checkpoint")
+    tracking.register_model(f"vit-{name}", run_id, "checkpoint", {}, alias="champion")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(
+    ray_local: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        mp.setenv("VITRAY_MODEL_CACHE", str(tmp / "cache"))
+        small = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
+        register(
+            tmp,
+            "tux",
+            ViTConfig(image_size=32, patch_size=8, num_classes=6, **small),
+            TUX_CLASSES,
+            seed=0,
+        )
+        register(
+            tmp,
+            "digits",
+            ViTConfig(image_size=8, patch_size=2, num_classes=10, **small),
+            [str(i) for i in range(10)],
+            seed=1,
+        )
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ServeConfig(
+            models={
+                "vit-tux": "models:/vit-tux@champion",
+                "vit-digits": "models:/vit-digits@champion",
+            },
+            default_model="vit-tux",
+            max_body_bytes=2 * 2**20,
+            max_image_pixels=4_000_000,
+            batch_wait_timeout_s=0.05,
+        )
+        serve.run(build_app(config), name="vitray", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", tmp
+        serve.shutdown()
+
+
+def post(url: str, **kwargs: object) -> requests.Response:
+    return requests.post(url, timeout=60, **kwargs)
+
+
+def test_two_champions_answer_through_one_endpoint(endpoint: tuple[str, Path]) -> None:
+    url, _ = endpoint
+    image = real_images()[0]
+    headers = {"Content-Type": "image/jpeg"}
+    tux = post(f"{url}/v1/predict?model=vit-tux&top_k=6", data=image, headers=headers).json()
+    digits = post(f"{url}/v1/predict?model=vit-digits&top_k=3", data=image, headers=headers).json()
+    assert sorted(p["label"] for p in tux["predictions"]) == TUX_CLASSES
+    assert len(digits["predictions"]) == 3
+    assert {p["label"] for p in digits["predictions"]} <= {str(i) for i in range(10)}
+    assert tux["model"]["name"] == "vit-tux"
+    assert tux["model"]["version"] == "1"
+    assert digits["model"]["name"] == "vit-digits"
+    info = requests.get(f"{url}/v1/model", params={"model": "vit-digits"}, timeout=30).json()
+    assert info["classes"] == [str(i) for i in range(10)]
+    assert info["image_size"] == [8, 8]
+    assert requests.get(f"{url}/v1/health", timeout=30).json()["status"] == "ok"
+
+
+def test_http_predictions_equal_the_offline_model(endpoint: tuple[str, Path]) -> None:
+    url, tmp = endpoint
+    model, meta = vit_checkpoint.load(tmp / "tux")
+    model.eval()
+    for image in real_images():
+        response = post(f"{url}/v1/predict?top_k=6", files={"file": ("x", image)}).json()
+        served = {p["label"]: p["score"] for p in response["predictions"]}
+        with torch.no_grad():
+            tokens = torch.from_numpy(image_to_tokens(image, meta.config)[None])
+            offline = model(tokens).softmax(-1)[0]
+        for index, label in enumerate(TUX_CLASSES):
+            assert served[label] == pytest.approx(float(offline[index]), abs=1e-5)
+
+
+def test_json_base64_and_batch_requests(endpoint: tuple[str, Path]) -> None:
+    url, _ = endpoint
+    images = real_images()[:3]
+    encoded = [base64.b64encode(i).decode() for i in images]
+    single = post(f"{url}/v1/predict", json={"image": encoded[0], "top_k": 2}).json()
+    assert len(single["predictions"]) == 2
+    batch = post(f"{url}/v1/predict/batch", json={"images": encoded, "model": "vit-digits"}).json()
+    assert len(batch["results"]) == 3
+    assert batch["model"]["name"] == "vit-digits"
+
+
+def test_concurrent_requests_are_batched(endpoint: tuple[str, Path]) -> None:
+    url, _ = endpoint
+    image = real_images()[1]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        codes = list(
+            pool.map(
+                lambda _: (
+                    post(
+                        f"{url}/v1/predict", data=image, headers={"Content-Type": "image/jpeg"}
+                    ).status_code
+                ),
+                range(48),
+            )
+        )
+    assert codes == [200] * 48
+    stats = requests.get(f"{url}/v1/stats", timeout=30).json()
+    assert stats["max_batch"] > 1
+
+
+def png_bomb() -> bytes:
+    """A valid 1x1 PNG whose header claims 100,000 x 100,000 pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data[12:29]  # chunk type + 13 bytes of header data
+    ihdr[4:12] = struct.pack(">II", 100_000, 100_000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def hostile_requests() -> dict[str, tuple[dict, int]]:
+    jpeg = real_images()[0]
+    return {
+        "empty body": (dict(data=b"", headers={"Content-Type": "image/png"}), 400),
+        "not an image": (dict(data=b"hello" * 50, headers={"Content-Type": "image/png"}), 422),
+        "truncated": (dict(data=jpeg[:300], headers={"Content-Type": "image/jpeg"}), 422),
+        "decompression bomb": (dict(data=png_bomb(), headers={"Content-Type": "image/png"}), 422),
+        "oversize body": (
+            dict(data=b"\0" * (3 * 2**20), headers={"Content-Type": "image/png"}),
+            413,
+        ),
+        "unsupported type": (dict(data=b"abc", headers={"Content-Type": "text/plain"}), 415),
+        "top_k too large": (
+            dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 99}),
+            422,
+        ),
+        "top_k zero": (
+            dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 0}),
+            422,
+        ),
+        "malformed json": (
+            dict(data=b"{not json", headers={"Content-Type": "application/json"}),
+            400,
+        ),
+        "bad base64": (dict(json={"image": "***not base64***"}), 400),
+        "unknown model": (
+            dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"model": "nope"}),
+            404,
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(hostile_requests()))
+def test_hostile_input_gets_a_4xx_with_a_reason_and_the_next_request_works(
+    endpoint: tuple[str, Path], case: str
+) -> None:
+    url, _ = endpoint
+    kwargs, status = hostile_requests()[case]
+    response = post(f"{url}/v1/predict", **kwargs)
+    assert response.status_code == status, response.text
+    assert json.loads(response.text)["detail"]
+    good = post(f"{url}/v1/predict", data=real_images()[0], headers={"Content-Type": "image/jpeg"})
+    assert good.status_code == 200
+    assert np.isclose(sum(p["score"] for p in good.json()["predictions"][:6]), 1.0, atol=1e-4)
+
+
+def test_query_client_prints_the_table_and_fails_with_the_reason(
+    endpoint: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = endpoint
+    good = tmp_path / "photo.jpg"
+    good.write_bytes(real_images()[0])
+    assert query.main([str(good), "--url", url, "--model", "vit-tux", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "vit-tux v1" in out
+    assert out.count("\n  ") == 2
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    assert query.main([str(bad), "--url", url]) == 1
+    assert "HTTP 422" in capsys.readouterr().err
