@@ -10,8 +10,8 @@ oversized bodies, unsupported content types, undecodable or gigantic images, bad
 and out-of-range `top_k` all get a 4xx with a JSON reason.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the
+# ingress methods to inject the request instead of treating it as a query parameter.
 import asyncio
 import base64
 import binascii
@@ -94,7 +94,7 @@ def resolve_model(reference: str, cache_dir: Path) -> tuple[Path, dict[str, Any]
             target = nested
     if (target / "checkpoint").is_dir():
         target = target / "checkpoint"
-    identity = {"source": reference, "version": version.version, "run_id": version.run_id}
+    identity = {"source": reference, "version": str(version.version), "run_id": version.run_id}
     return target, identity
 
 
