@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LOCK_HASH := $(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
 READY := $(VENV)/.ready-$(LOCK_HASH)
 
-.PHONY: demo smoke test lint format bench data venv
+.PHONY: demo test lint format bench data venv
 
 venv: $(READY)
 
@@ -21,7 +21,7 @@ data:
 
 ## The whole pipeline on the embedded default data.
 demo: venv data
-	$(BIN)/python -m jobs.pretrain --config configs/pretrain_demo.py --resume
+	$(BIN)/python -m jobs.pipeline --config configs/pipeline_demo.py
 
 ## The test suite, lint included.
 test: venv data
@@ -38,3 +38,5 @@ format: venv
 
 bench: venv data
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py

@@ -18,7 +18,7 @@ def get_config(smoke: bool = False) -> FinetuneConfig:
     return FinetuneConfig(
         checkpoint="runs/train/pretrain-demo/latest/model",
         datasets=("mnist-5k", "digits", "tuxpaint"),
-        learning_rates=(0.001, 0.003, 0.01, 0.03),
+        learning_rates=(0.01, 0.03) if smoke else (0.001, 0.003, 0.01, 0.03),
         steps=20 if smoke else 300,
         batch_size=128,
         warmup_steps=2 if smoke else 20,

@@ -40,7 +40,7 @@ def _parse(text: str, current: Any, item: str) -> Any:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="config file with get_config(smoke)")
+    parser.add_argument("--config", help="config file with get_config(smoke)")
     parser.add_argument("--smoke", action="store_true", help="shrink the run to a smoke test")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"

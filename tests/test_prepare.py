@@ -13,8 +13,8 @@ import pytest
 import ray.data
 
 from jobs import prepare as prepare_job
-from jobs.prepare import PrepareConfig, prepare
 from pipelines.datasets import DatasetNotInstalledError, describe, read_dataset
+from pipelines.prepare import PrepareConfig, prepare
 
 if TYPE_CHECKING:
     from conftest import S3Server
