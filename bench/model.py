@@ -7,7 +7,9 @@ Models are timed in one process, alternating in every repetition so that drift i
 speed hits all of them alike; the median over repetitions is reported. Peak memory is measured in
 a fresh subprocess per model, because a process's peak cannot be attributed to one of several
 models living in it: on CPU the growth of peak RSS over one step after a warm-up step (the kernel
-lets a process reset its peak), on CUDA the peak allocated bytes.
+lets a process reset its peak), on CUDA the peak allocated bytes. RSS includes allocator caching
+and is noisy on CPU, so training rows also give the activation bytes saved for backward, which
+are exact and deterministic.
 """
 
 from __future__ import annotations
@@ -144,6 +146,29 @@ def throughput(case: Case, device: str, train: bool, reps: int, iters: int) -> d
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def activation_mib(library: str, case: Case) -> float:
+    """Bytes saved for backward by one training forward pass (deterministic, unlike RSS).
+
+    Parameters are excluded: both models hold the same weights; what differs is the activations.
+    """
+    torch.manual_seed(0)
+    model = build(library, case.config).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.randn(case.batch, 3, *case.config.image_size)
+    y = torch.randint(0, case.config.num_classes, (case.batch,))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        nn.functional.cross_entropy(model(x), y)
+    return sum(saved.values()) / 2**20
+
+
 def peak_memory_mib(case_index: int, library: str, device: str, train: bool) -> float:
     """Run one model in a fresh interpreter and return its peak memory growth in MiB."""
     args = [sys.executable, __file__, "--probe", json.dumps([case_index, library, train])]
@@ -196,18 +221,25 @@ def main() -> None:
     )
     if device == "cuda":
         print(f"# {torch.cuda.get_device_name()}")
-    print("| config | mode | batch | library | images/s | ratio vs timm | peak MiB | mem vs timm |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| config | mode | batch | library | images/s | ratio vs timm | peak RSS MiB "
+        "| RSS vs timm | activations MiB | activations vs timm |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for index, case in enumerate(cases):
         for train in (True, False):
             speeds = throughput(case, device, train, args.reps, args.iters)
             memory = {name: peak_memory_mib(index, name, device, train) for name in speeds}
+            saved = {name: activation_mib(name, case) if train else 0.0 for name in speeds}
             mode = "train" if train else "infer"
             for name, speed in speeds.items():
+                activations = (
+                    f"{saved[name]:.0f} | {saved[name] / saved['timm']:.3f}" if train else "- | -"
+                )
                 print(
                     f"| {case.label} | {mode} | {case.batch} | {name} | {speed:.1f} | "
                     f"{speed / speeds['timm']:.3f} | {memory[name]:.0f} | "
-                    f"{memory[name] / memory['timm']:.3f} |",
+                    f"{memory[name] / memory['timm']:.3f} | {activations} |",
                     flush=True,
                 )
             if device == "cuda" and train and case.config.width == 768:

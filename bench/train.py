@@ -57,7 +57,7 @@ def timed_steps(steps: int, report: Any) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0:
-            report({"loss": float(loss), "step": step})
+            report({"loss": float(loss.detach()), "step": step})
     return steps * BATCH / (time.perf_counter() - start)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -112,13 +113,24 @@ def run_fewshot(
             features[split] = extract_features(model, batches, device)
         bad = int(ray.get(tracker.summary.remote())["bad"])
         (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+        # Small sets cannot afford every shot count: drop those the rarest class cannot fill.
+        rarest = int(np.bincount(train_y, minlength=info.num_classes).min())
+        feasible = [k for k in shot_list if k + dev_per_class <= rarest]
+        if not feasible:
+            raise ValueError(
+                f"{dataset}: the rarest class has {rarest} training examples, too few for "
+                f"{min(shot_list)} shots plus {dev_per_class} dev examples"
+            )
+        if len(feasible) < len(shot_list):
+            skipped = sorted(set(shot_list) - set(feasible))
+            mlflow.set_tag(run_id, "vitray_skipped_shots", ",".join(map(str, skipped)))
         accuracy = fewshot_evaluate(
             train_x,
             train_y,
             test_x,
             test_y,
             info.num_classes,
-            shot_list,
+            feasible,
             seed_list,
             dev_per_class=dev_per_class,
         )

@@ -211,14 +211,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     scratch = {o["dataset"]: o["test_accuracy"] for o in summary["scratch"]}
+
+    def shot(accuracy: dict[Any, Any], k: int) -> str:
+        """JSON turns the int keys into strings; a shot count too large for a set is absent."""
+        value = accuracy.get(k) or accuracy.get(str(k))
+        return f"{value[0]:.4f}" if value else "-"
+
     for outcome in summary["finetune"]:
         dataset = outcome["dataset"]
-        shots = summary["fewshot"][dataset]["accuracy"]
-        ten = shots.get(10) or shots.get("10") or (float("nan"), 0)
-        many = shots.get(25) or shots.get("25") or (float("nan"), 0)
+        accuracy = summary["fewshot"][dataset]["accuracy"]
+        baseline = f"{scratch[dataset]:.4f}" if dataset in scratch else "-"
         lines.append(
-            f"| {dataset} | {ten[0]:.4f} | {many[0]:.4f} | {outcome['test_accuracy']:.4f} | "
-            f"{scratch.get(dataset, float('nan')):.4f} | "
+            f"| {dataset} | {shot(accuracy, 10)} | {shot(accuracy, 25)} | "
+            f"{outcome['test_accuracy']:.4f} | {baseline} | "
             f"vit-{dataset} v{outcome['model_version']} |"
         )
     reply = summary["smoke_query"]
