@@ -55,6 +55,7 @@ class FinetuneConfig:
     image_size: int | None = None  # fine-tune at another resolution (pos-embed resampled)
     eval_every: int = 100  # one report per evaluation: ASHA's unit of time
     grace_evaluations: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 4  # ASHA keeps the best 1/reduction_factor at each rung
     from_scratch: bool = False
     cpus_per_trial: float = 1.0
     max_concurrent_trials: int | None = None
@@ -183,6 +184,7 @@ def _tune_dataset(
                 mode="max",
                 max_t=evaluations,
                 grace_period=min(config.grace_evaluations, evaluations),
+                reduction_factor=config.reduction_factor,
             ),
             max_concurrent_trials=config.max_concurrent_trials,
         ),
