@@ -40,3 +40,4 @@ bench: venv data
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py

@@ -13,6 +13,7 @@ import pytest
 import ray.data
 
 from jobs import prepare as prepare_job
+from pipelines import prepare as prepare_module
 from pipelines.datasets import DatasetNotInstalledError, describe, read_dataset
 from pipelines.prepare import PrepareConfig, prepare
 
@@ -125,8 +126,8 @@ def test_interrupted_run_leaves_the_old_manifest_valid_and_force_rewrites_nothin
             raise KeyboardInterrupt  # the job is killed while writing its second shard
         real_put(fs, path, data, tmp_dir)
 
-    real_put = prepare_job._put
-    monkeypatch.setattr(prepare_job, "_put", dying_put)
+    real_put = prepare_module._put
+    monkeypatch.setattr(prepare_module, "_put", dying_put)
     with pytest.raises(KeyboardInterrupt):
         prepare(PrepareConfig(str(source), str(out), rows_per_shard=5))
     monkeypatch.undo()

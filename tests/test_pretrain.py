@@ -55,7 +55,7 @@ def tiny_config(tmp_path: Path, run_name: str, **overrides: object) -> PretrainC
         steps=40,
         global_batch_size=32,
         micro_batch_size=16,
-        learning_rate=3e-3,
+        learning_rate=1e-2,
         weight_decay=0.01,
         warmup_steps=4,
         eval_every=20,
@@ -118,7 +118,7 @@ def test_ddp_on_two_nodes_keeps_replicas_identical_and_learns(
     assert result.metrics["ddp/replica_divergence"] == 0.0
     assert result.metrics["dev/accuracy"] > 0.2  # ten classes: chance is 0.1
     losses = [m.value for m in tracking.client().get_metric_history(result.run_id, "train/loss")]
-    assert losses[-1] < losses[0]
+    assert sum(losses[-3:]) / 3 < losses[0]  # averaged: one batch's loss is noisy
     assert logged_steps(result.run_id) == list(range(5, 41, 5))
     assert Path(result.checkpoint_path, "model", "model.safetensors").is_file()
 
