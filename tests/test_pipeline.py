@@ -38,8 +38,9 @@ def test_smoke_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(
     assert health["models"] == ["vit-digits", "vit-mnist-5k", "vit-tuxpaint"]
     mlflow = tracking.client()
     champion = mlflow.get_model_version_by_alias("vit-digits", "champion")
-    assert mlflow.get_run(champion.run_id).data.tags["vitray_pretrain_run"] == (
-        summary["pretrain"]["run_id"]
+    assert (
+        mlflow.get_run(champion.run_id).data.tags["vitray_pretrain_run"]
+        == (summary["pretrain"]["run_id"])
     )
     capsys.readouterr()
     again = pipeline.run(config)
