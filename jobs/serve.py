@@ -17,7 +17,7 @@ import time
 from ray import serve
 
 from jobs.common import connect
-from pipelines.serve import ServeConfig, build_app, champions
+from pipelines.serve import ServeConfig, champions, deploy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,16 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         parser.error("name at least one model with --datasets or --model")
     connect(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
     config = ServeConfig(
-        models=models, default_model=next(iter(models)), max_batch_size=args.max_batch_size
+        models=models,
+        default_model=next(iter(models)),
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
     )
-    serve.run(build_app(config), name="vitray", route_prefix="/")
-    print(
-        f"[serve] http://{args.host}:{args.port}/v1/predict serving {sorted(models)}; "
-        f"API docs at http://{args.host}:{args.port}/docs",
-        flush=True,
-    )
+    url = deploy(config)
+    print(f"[serve] {url}/v1/predict serving {sorted(models)}; API docs at {url}/docs", flush=True)
     if args.detach:
         return 0
     try:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -38,6 +37,7 @@ from vit.config import ViTConfig
 from vit.model import VisionTransformer
 
 CHAMPION = "champion"
+SELECTION_SPLITS = ("train", "dev")  # what trials see; the test split is read once, at the end
 
 
 @dataclass(frozen=True)
@@ -159,16 +159,16 @@ def _tune_dataset(
         tags={"vitray_stage": kind, "vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
         uri=uri,
     )
+    # tune.with_parameters stores these in the object store once for all the dataset's trials.
     data = {
-        split: ray.put(_tokens(dataset, split, model_config, config.ingest))
-        for split in ("train", "dev")
+        split: _tokens(dataset, split, model_config, config.ingest) for split in ("train", "dev")
     }
     trainable = tune.with_parameters(
         tune.with_resources(_trial, {"CPU": config.cpus_per_trial}),
         config=config,
         model_config=model_config,
-        train_ref=data["train"],
-        dev_ref=data["dev"],
+        train=data["train"],
+        dev=data["dev"],
         class_names=list(info.class_names),
         dataset=dataset,
         parent_run=dataset_run,
@@ -264,8 +264,8 @@ def _trial(
     *,
     config: FinetuneConfig,
     model_config: ViTConfig,
-    train_ref: Any,
-    dev_ref: Any,
+    train: dict[str, np.ndarray],
+    dev: dict[str, np.ndarray],
     class_names: list[str],
     dataset: str,
     parent_run: str,
@@ -274,23 +274,23 @@ def _trial(
     """One fine-tune: build the model, train `steps` SGD steps, report dev accuracy."""
     learning_rate = float(params["learning_rate"])
     torch.manual_seed(config.seed)
-    train, dev = train_ref, dev_ref  # tune.with_parameters resolves the object refs
-    model = _initial_model(config, model_config)
+    saved = None
+    restored = tune.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            model, _ = vit_checkpoint.load(Path(directory))
+            saved = torch.load(Path(directory) / "trial_state.pt", weights_only=True)
+    else:
+        model = _initial_model(config, model_config)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=learning_rate, momentum=config.momentum, weight_decay=0.0
     )
     scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, "cosine")
     step = 0
-    restored = tune.get_checkpoint()
-    if restored:
-        with restored.as_directory() as directory:
-            model, _ = vit_checkpoint.load(Path(directory))
-            state = torch.load(Path(directory) / "trial_state.pt", weights_only=True)
-        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=config.momentum)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, "cosine")
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        step = saved["step"]
     trial_name = tune.get_context().get_trial_name()
     run_id = tracking.start_run(
         trial_name,

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from ray import serve
 
 from pipelines import finetune, pretrain, tracking
 from pipelines.fewshot import run_fewshot
 from pipelines.finetune import FinetuneConfig
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.pretrain import PretrainConfig
-from pipelines.serve import ServeConfig, build_app, champions
+from pipelines.serve import ServeConfig, champions, deploy
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -152,7 +151,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
             lambda: finetune.run(scratch_config, parent_run_id=parent),
         )
     banner("serve")
-    url = _serve(config, [o["dataset"] for o in transferred])
+    models = champions([o["dataset"] for o in transferred])
+    url = deploy(
+        ServeConfig(models=models, default_model=next(iter(models)), port=config.serve_port)
+    )
     reply = _smoke_query(url, transferred[-1]["dataset"])
     for outcome in transferred:
         mlflow.set_tag(outcome["run_id"], "vitray_served_at", url)
@@ -168,17 +170,6 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     mlflow.log_text(parent, format_summary(summary), "summary.md")
     mlflow.set_terminated(parent)
     return summary
-
-
-def _serve(config: PipelineConfig, datasets: list[str]) -> str:
-    serve.start(http_options={"host": "127.0.0.1", "port": config.serve_port})
-    models = champions(datasets)
-    serve.run(
-        build_app(ServeConfig(models=models, default_model=next(iter(models)))),
-        name="vitray",
-        route_prefix="/",
-    )
-    return f"http://127.0.0.1:{config.serve_port}"
 
 
 def _smoke_query(url: str, dataset: str) -> dict[str, Any]:

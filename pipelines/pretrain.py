@@ -217,24 +217,21 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     accumulation = per_step // micro
     torch.manual_seed(config.seed)
 
-    model = VisionTransformer(loop_config["model_config"])
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.learning_rate, betas=config.betas
-    )
-    scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, config.decay)
-    state = {"step": 0, "samples": 0}
+    saved = None
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as directory:
             model, _ = vit_checkpoint.load(Path(directory) / "model")
             saved = torch.load(Path(directory) / TRAIN_STATE_FILE, weights_only=True)
-        optimizer = torch.optim.AdamW(
-            parameter_groups(model, config.weight_decay),
-            lr=config.learning_rate,
-            betas=config.betas,
-        )
+    else:
+        model = VisionTransformer(loop_config["model_config"])
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.learning_rate, betas=config.betas
+    )
+    scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, config.decay)
+    state = {"step": 0, "samples": 0}
+    if saved:
         optimizer.load_state_dict(saved["optimizer"])
-        scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, config.decay)
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
     parallel = "fsdp" if config.strategy == "fsdp" else "ddp"

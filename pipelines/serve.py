@@ -82,20 +82,17 @@ def resolve_model(reference: str, cache_dir: Path) -> tuple[Path, dict[str, Any]
     else:
         name, number = spec.rsplit("/", 1)
         version = mlflow.get_model_version(name, number)
+    # download_artifacts keeps the artifact folder's own name under the destination.
     target = cache_dir / f"{name}-v{version.version}"
-    if not (target / vit_checkpoint.METADATA_FILE).exists():
+    directory = target / Path(version.source).name
+    if not (directory / vit_checkpoint.METADATA_FILE).exists():
         from mlflow.artifacts import download_artifacts
 
         download_artifacts(
             artifact_uri=version.source, dst_path=str(target), tracking_uri=tracking.tracking_uri()
         )
-        nested = target / "checkpoint"
-        if nested.is_dir():
-            target = nested
-    if (target / "checkpoint").is_dir():
-        target = target / "checkpoint"
     identity = {"source": reference, "version": str(version.version), "run_id": version.run_id}
-    return target, identity
+    return directory, identity
 
 
 def load_model(name: str, reference: str, device: torch.device, cache_dir: Path) -> LoadedModel:
@@ -358,6 +355,13 @@ def build_app(config: ServeConfig) -> serve.Application:
     else:
         options["num_replicas"] = config.num_replicas
     return ViTService.options(**options).bind(config)
+
+
+def deploy(config: ServeConfig) -> str:
+    """Start Serve's HTTP proxy where the config says and (re)deploy the app; returns its URL."""
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="vitray", route_prefix=config.route_prefix)
+    return f"http://{config.host}:{config.port}"
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
