@@ -23,10 +23,18 @@ def load_config(path: str, smoke: bool, overrides: list[str]) -> Any:
     config = module.get_config(smoke=smoke)
     for item in overrides:
         key, _, text = item.partition("=")
-        if not hasattr(config, key):
-            raise SystemExit(f"--set {item}: {type(config).__name__} has no field {key!r}")
-        config = dataclasses.replace(config, **{key: _parse(text, getattr(config, key), item)})
+        config = _override(config, key.split("."), text, item)
     return config
+
+
+def _override(config: Any, path: list[str], text: str, item: str) -> Any:
+    """Replace the field at a dotted path (`pretrain.num_workers`) in nested frozen dataclasses."""
+    name, rest = path[0], path[1:]
+    if not dataclasses.is_dataclass(config) or not hasattr(config, name):
+        raise SystemExit(f"--set {item}: {type(config).__name__} has no field {name!r}")
+    current = getattr(config, name)
+    value = _override(current, rest, text, item) if rest else _parse(text, current, item)
+    return dataclasses.replace(config, **{name: value})
 
 
 def _parse(text: str, current: Any, item: str) -> Any:
@@ -43,7 +51,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="config file with get_config(smoke)")
     parser.add_argument("--smoke", action="store_true", help="shrink the run to a smoke test")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field; dotted keys reach nested ones (pretrain.num_workers=2)",
     )
     parser.add_argument(
         "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"

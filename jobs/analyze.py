@@ -1,0 +1,50 @@
+"""Attention rollout, attention distance, position similarity and embedding filters of a checkpoint.
+
+    python -m jobs.analyze --checkpoint runs/train/pretrain-demo/latest --dataset fashion-mnist
+    ray job submit --working-dir . -- python -m jobs.analyze --checkpoint DIR --dataset NAME
+
+Writes the four figures of the paper's Fig. 6 and Fig. 7 as PNGs under ``--out`` and logs them to
+one MLflow run (``vitray_stage=analyze``), linked to the run that produced the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jobs.common import connect
+from pipelines.analyze import run_analysis
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="vit checkpoint directory")
+    parser.add_argument("--dataset", required=True, help="catalog name, folder or shard URI")
+    parser.add_argument("--images", type=int, default=8, help="test images to inspect")
+    parser.add_argument("--out", default="runs/analysis", help="folder for the PNG files")
+    parser.add_argument("--experiment", default="vitray", help="MLflow experiment")
+    parser.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
+    )
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error("--images must be positive")
+    connect(args.address)
+    result = run_analysis(
+        args.checkpoint,
+        args.dataset,
+        images=args.images,
+        output_dir=args.out,
+        experiment=args.experiment,
+    )
+    distances = ", ".join(f"{d:.1f}" for d in result["mean_attention_distance"])
+    print(f"[analyze] mean attention distance per layer (pixels): {distances}")
+    print(f"[analyze] figures in {args.out}/ and in MLflow run {result['run_id']}:")
+    for path in result["figures"]:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

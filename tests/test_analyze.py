@@ -1,0 +1,68 @@
+"""The analysis job end to end: a checkpoint, the digits catalog on Ray, four figures in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from jobs import analyze as analyze_job
+from pipelines import tracking
+from pipelines.datasets import DIGIT_CLASSES
+from vit import VisionTransformer, ViTConfig
+from vit import checkpoint as vit_checkpoint
+
+FIGURES = {"attention_rollout", "attention_distance", "position_similarity", "embedding_filters"}
+SOURCE_RUN = "fedcba9876543210"
+
+
+@pytest.fixture
+def checkpoint_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8, patch_size=2, in_channels=1, num_classes=10, width=32, depth=3,
+        mlp_dim=64, num_heads=2,
+    )  # fmt: skip
+    return vit_checkpoint.save(
+        VisionTransformer(config),
+        tmp_path / "model",
+        class_names=DIGIT_CLASSES,
+        provenance={"mlflow_run_id": SOURCE_RUN},
+    )
+
+
+def test_job_writes_and_logs_the_four_figures(
+    ray_local: None,
+    checkpoint_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "figures"
+    argv = ["--checkpoint", str(checkpoint_dir), "--dataset", "digits", "--images", "4"]
+    assert analyze_job.main([*argv, "--out", str(out)]) == 0
+    assert "mean attention distance per layer" in capsys.readouterr().out
+    assert {p.stem for p in out.glob("*.png")} == FIGURES
+
+    mlflow = tracking.client(uri)
+    experiment = mlflow.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    (run,) = mlflow.search_runs([experiment.experiment_id], "tags.vitray_stage = 'analyze'")
+    assert run.data.tags["vitray_parent_checkpoint_run"] == SOURCE_RUN
+    logged = {Path(a.path).stem for a in mlflow.list_artifacts(run.info.run_id, "figures")}
+    assert logged == FIGURES
+    local = mlflow.download_artifacts(run.info.run_id, "figures/attention_rollout.png", tmp_path)
+    with Image.open(local) as image:
+        assert image.format == "PNG" and image.width > 100
+    history = mlflow.get_metric_history(run.info.run_id, "mean_attention_distance")
+    assert [m.step for m in history] == [0, 1, 2]
+    # 4x4 patch grid of 2-pixel patches: distances lie between 0 and the grid diagonal.
+    assert all(0 < m.value < 2 * 3 * 2**0.5 for m in history)
+
+
+def test_unknown_dataset_fails_before_logging(ray_local: None, checkpoint_dir: Path) -> None:
+    with pytest.raises(Exception, match="no-such-dataset"):
+        analyze_job.main(["--checkpoint", str(checkpoint_dir), "--dataset", "no-such-dataset"])
