@@ -43,7 +43,8 @@ def test_dict_round_trip() -> None:
 
 def test_the_library_imports_without_ray_or_mlflow() -> None:
     code = (
-        "import sys, vit, vit.checkpoint, vit.evaluate, vit.patches, vit.posemb;"
+        "import sys, vit, vit.analysis, vit.checkpoint, vit.convert, vit.evaluate, vit.export,"
+        " vit.patches, vit.posemb;"
         "bad = [m for m in ('ray', 'mlflow', 'pipelines') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -1,0 +1,44 @@
+"""Export a vit checkpoint for deployment: ONNX (dynamic batch) and/or a torch.export program.
+
+    python -m jobs.export --checkpoint runs/imported/b16 --onnx b16.onnx
+    python -m jobs.export --checkpoint runs/imported/b16 --onnx b16.onnx --uint8 --program b16.pt2
+
+The ONNX graph is checked against the eager model through onnxruntime before the job succeeds.
+With --uint8 the graph takes raw pixels and normalises them with the checkpoint's preprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from vit import checkpoint
+from vit.export import check_onnx_parity, example_input, export_onnx, export_program
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="vit checkpoint directory")
+    parser.add_argument("--onnx", help="ONNX file to write")
+    parser.add_argument("--program", help="torch.export program (.pt2) to write")
+    parser.add_argument("--uint8", action="store_true", help="take uint8 pixels, not floats")
+    parser.add_argument("--atol", type=float, default=1e-4, help="ONNX parity tolerance")
+    args = parser.parse_args(argv)
+    if not (args.onnx or args.program):
+        parser.error("name an output with --onnx and/or --program")
+    model, _ = checkpoint.load(args.checkpoint)
+    dtype = torch.uint8 if args.uint8 else torch.float32
+    if args.onnx:
+        path = export_onnx(model, args.onnx, example_input(model, 2, dtype))
+        error = check_onnx_parity(model, path, example_input(model, 3, dtype), args.atol)
+        print(f"[export] {path}: onnxruntime matches eager to {error:.1e}")
+    if args.program:
+        torch.export.save(export_program(model, example_input(model, 2, dtype)), args.program)
+        print(f"[export] {args.program}: torch.export program")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

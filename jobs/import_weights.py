@@ -1,0 +1,188 @@
+"""Import pretrained ViT weights from timm, torchvision, Hugging Face or Google `.npz` files.
+
+    python -m jobs.import_weights --from timm vit_base_patch16_224.pth --out runs/imported/b16
+    python -m jobs.import_weights --from npz ViT-B_16.npz --out runs/imported/b16-384 \\
+        --image-size 384 --num-classes 10 --register vit-b16-in21k
+    python -m jobs.tune --config configs/finetune_demo.py --set checkpoint=runs/imported/b16
+
+Writes a vit checkpoint directory (`vit.checkpoint`) whose provenance names the source file, its
+SHA-256 and the import arguments. PyTorch files are read with `torch.load(weights_only=True)`,
+which refuses pickled code; `.safetensors` and `.npz` files hold only arrays. For Hugging Face,
+PATH may be a model directory: its config.json supplies the head count and the LayerNorm eps.
+With --register, the checkpoint is logged to an MLflow run (stage `import`) and registered as a
+new version of NAME under the alias `imported` (see --alias).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from pipelines import tracking
+from vit import VisionTransformer, checkpoint
+from vit.config import Preprocessing
+from vit.convert import from_hf, from_npz, from_timm, from_torchvision
+
+CONVERTERS = {"timm": from_timm, "torchvision": from_torchvision, "hf": from_hf, "npz": from_npz}
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a torch file holding a state dict (possibly under "state_dict"
+    or "model", as training checkpoints keep it), without unpickling anything but tensors."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise SystemExit(
+            f"{path} holds more than tensors; refusing to unpickle it: {error}"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path} does not hold a state dict")
+    return data
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert(args: argparse.Namespace) -> tuple[VisionTransformer, Path]:
+    """The converted model and the weights file it came from."""
+    path = Path(args.path)
+    options: dict[str, Any] = {
+        "num_heads": args.num_heads,
+        "num_classes": args.num_classes,
+        "image_size": args.image_size,
+        "patch_size": args.patch_size,
+        "keep_pre_logits": args.keep_pre_logits,
+    }
+    if args.source_format == "hf" and path.is_dir():
+        config_file = path / "config.json"
+        if config_file.is_file():
+            hf_config = json.loads(config_file.read_text())
+            options["num_heads"] = options["num_heads"] or hf_config.get("num_attention_heads")
+            options["layer_norm_eps"] = hf_config.get("layer_norm_eps", 1e-12)
+        path = path / "model.safetensors"
+    if args.layer_norm_eps is not None:
+        options["layer_norm_eps"] = args.layer_norm_eps
+    if args.source_format == "npz" or (
+        args.source_format == "hf" and path.suffix == ".safetensors"
+    ):
+        source: Any = path
+    else:
+        source = read_tensors(path)
+    model = CONVERTERS[args.source_format](source, **options)
+    return with_preprocessing(model, args), path
+
+
+def with_preprocessing(model: VisionTransformer, args: argparse.Namespace) -> VisionTransformer:
+    """The model with the preprocessing fields given on the command line replaced."""
+    changes = {
+        name: value
+        for name, value in {
+            "mean": tuple(args.mean) if args.mean else None,
+            "std": tuple(args.std) if args.std else None,
+            "resize_size": args.resize_size,
+            "interpolation": args.interpolation,
+        }.items()
+        if value is not None
+    }
+    if not changes:
+        return model
+    preprocessing: Preprocessing = dataclasses.replace(model.config.preprocessing, **changes)
+    # The normalisation buffers are computed from the config: rebuild rather than patch it.
+    rebuilt = VisionTransformer(model.config.replace(preprocessing=preprocessing))
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source_format", required=True, choices=sorted(CONVERTERS))
+    parser.add_argument("path", help="weights file (or a Hugging Face model directory)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument(
+        "--num-classes", type=int, help="new zero-initialised head (0: none); default: keep"
+    )
+    parser.add_argument("--image-size", type=int, help="resample the position embedding to it")
+    parser.add_argument("--patch-size", type=int, help="resample the patch embedding to it")
+    parser.add_argument("--num-heads", type=int, help="default: from the weights or the variant")
+    parser.add_argument("--layer-norm-eps", type=float, help="default: the source codebase's")
+    parser.add_argument(
+        "--keep-pre-logits", action="store_true", help="keep the pre-logits layer on a new head"
+    )
+    parser.add_argument("--mean", type=float, nargs="+", help="preprocessing mean per channel")
+    parser.add_argument("--std", type=float, nargs="+", help="preprocessing std per channel")
+    parser.add_argument("--resize-size", type=int, help="shorter side before the centre crop")
+    parser.add_argument("--interpolation", choices=["bilinear", "bicubic"])
+    parser.add_argument("--register", metavar="NAME", help="register in the MLflow model registry")
+    parser.add_argument("--alias", default="imported", help="alias of the registered version")
+    parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    args = parser.parse_args(argv)
+    try:
+        model, weights = convert(args)
+    except ValueError as error:  # a ConversionError, or a config the weights cannot have
+        raise SystemExit(f"cannot import {args.path}: {error}") from None
+    provenance: dict[str, Any] = {
+        "stage": "import",
+        "source_format": args.source_format,
+        "source_path": str(weights.resolve()),
+        "source_sha256": sha256(weights),
+        "import_arguments": {
+            k: v for k, v in vars(args).items() if v is not None and k not in ("path", "out")
+        },
+        "pos_embed_interpolation": model.config.pos_embed_interpolation,
+    }
+    uri = tracking.tracking_uri() if args.register else None
+    run_id = None
+    if args.register:
+        run_id = tracking.start_run(
+            f"import-{args.register}",
+            experiment=args.experiment,
+            tags={"vitray_stage": "import", "vitray_source_format": args.source_format},
+            uri=uri,
+        )
+        provenance["mlflow_run_id"] = run_id
+        tracking.log_params(run_id, {**provenance, "model": model.config.to_dict()}, uri)
+    directory = checkpoint.save(model, args.out, provenance=provenance)
+    config = model.config
+    print(
+        f"[import] {args.source_format} {weights.name}: {config.depth} blocks, width "
+        f"{config.width}, {config.num_heads} heads, patch {config.patch_size}, "
+        f"{config.image_size[0]}x{config.image_size[1]} px, {config.pooling} pooling, "
+        f"{config.num_classes} classes -> {directory}"
+    )
+    if run_id is not None:
+        mlflow = tracking.client(uri)
+        mlflow.log_artifacts(run_id, str(directory), "checkpoint")
+        version = tracking.register_model(
+            args.register,
+            run_id,
+            "checkpoint",
+            tags={"vitray_source_format": args.source_format},
+            alias=args.alias,
+            uri=uri,
+        )
+        mlflow.set_terminated(run_id)
+        print(f"[import] registered models:/{args.register}@{args.alias} (version {version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

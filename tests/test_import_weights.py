@@ -1,0 +1,88 @@
+"""The import job end to end: a timm file in, a registered vit checkpoint out, ready to export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm.models.vision_transformer as timm_vit
+import torch
+
+from jobs import export as export_job
+from jobs import import_weights
+from pipelines import tracking
+from vit import checkpoint
+from vit.export import check_onnx_parity, example_input
+
+
+@pytest.fixture
+def timm_file(tmp_path: Path) -> tuple[timm_vit.VisionTransformer, Path]:
+    torch.manual_seed(0)
+    model = timm_vit.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, num_classes=4
+    ).eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    path = tmp_path / "timm.pth"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
+    return model, path
+
+
+def test_import_keeps_outputs_and_records_provenance(
+    timm_file: tuple[timm_vit.VisionTransformer, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reference, path = timm_file
+    out = tmp_path / "ckpt"
+    argv = ["--from", "timm", str(path), "--out", str(out), "--num-heads", "2"]
+    assert import_weights.main([*argv, "--mean", "0.4", "0.5", "0.6"]) == 0
+    model, meta = checkpoint.load(out)
+    assert meta.config.preprocessing.mean == (0.4, 0.5, 0.6)
+    assert meta.config.preprocessing.resize_size == 35  # timm's 90% centre crop
+    assert (
+        meta.provenance["source_format"] == "timm" and len(meta.provenance["source_sha256"]) == 64
+    )
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), atol=1e-5, rtol=1e-5)
+    assert not (tmp_path / "runs").exists()  # nothing tracked without --register
+
+
+def test_import_registers_in_mlflow_and_exports(
+    timm_file: tuple[timm_vit.VisionTransformer, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the run's artifacts go under ./runs
+    _, path = timm_file
+    out = tmp_path / "ckpt"
+    argv = ["--from", "timm", str(path), "--out", str(out), "--num-heads", "2"]
+    argv += ["--num-classes", "3", "--image-size", "48", "--register", "vit-imported"]
+    assert import_weights.main(argv) == 0
+    model, meta = checkpoint.load(out)
+    assert meta.config.image_size == (48, 48) and meta.config.num_classes == 3
+    assert not model.head.weight.any()  # the paper's zero-initialised fine-tuning head
+
+    mlflow = tracking.client(uri)
+    version = mlflow.get_model_version_by_alias("vit-imported", "imported")
+    assert version.run_id == meta.provenance["mlflow_run_id"]
+    assert mlflow.get_run(version.run_id).data.tags["vitray_stage"] == "import"
+    downloaded = mlflow.download_artifacts(version.run_id, "checkpoint", str(tmp_path / "dl"))
+    registered, _ = checkpoint.load(downloaded)
+    assert registered.config == model.config
+
+    onnx_path = tmp_path / "vit.onnx"
+    assert export_job.main(["--checkpoint", str(out), "--onnx", str(onnx_path), "--uint8"]) == 0
+    pixels = example_input(model, 4, torch.uint8)
+    assert check_onnx_parity(model, onnx_path, pixels) < 1e-4
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "hook": Path("x")}, path)
+    with pytest.raises(SystemExit, match="refusing to unpickle"):
+        import_weights.main(["--from", "timm", str(path), "--out", str(tmp_path / "out")])

@@ -1,0 +1,91 @@
+"""Deployment formats: ONNX with a dynamic batch dimension, and `torch.export` programs.
+
+Both trace the inference graph (the model is put in eval mode) from one example input, whose
+dtype decides the graph's input: float images already normalised, or uint8 pixels normalised
+inside the graph with the config's preprocessing statistics. Only the batch dimension is dynamic;
+the image size is part of the model (its position embedding), so another size means another
+export after `resize_pos_embed`.
+
+ONNX goes through the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, which needs
+onnxscript) from the same `torch.export` program, so both formats share one trace. Models whose
+weights exceed protobuf's 2 GB limit (ViT-H in float32) keep them in a `.data` file beside the
+`.onnx` one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from vit.model import VisionTransformer
+
+_PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GiB less room for the graph itself
+
+
+class ExportError(RuntimeError):
+    """An exported model disagrees with the eager one."""
+
+
+def example_input(
+    model: VisionTransformer, batch: int = 2, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A batch of images of the model's input shape (uint8 dtype: pixels to normalise)."""
+    shape = (batch, model.config.in_channels, *model.config.image_size)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=dtype)
+    return torch.randn(shape, dtype=dtype)
+
+
+def export_program(
+    model: VisionTransformer, example: torch.Tensor | None = None
+) -> torch.export.ExportedProgram:
+    """`torch.export` the logits forward pass with a dynamic batch dimension."""
+    model.eval()
+    x = example_input(model) if example is None else example
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+
+
+def export_onnx(
+    model: VisionTransformer,
+    path: str | os.PathLike[str],
+    example: torch.Tensor | None = None,
+) -> Path:
+    """Write an ONNX graph with input `images` (batch dynamic) and output `logits`."""
+    program = export_program(model, example)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.onnx.export(
+        program,
+        f=os.fspath(path),
+        input_names=["images"],
+        output_names=["logits"],
+        external_data=size > _PROTOBUF_LIMIT,
+        verbose=False,
+    )
+    return Path(path)
+
+
+@torch.no_grad()
+def check_onnx_parity(
+    model: VisionTransformer,
+    path: str | os.PathLike[str],
+    inputs: torch.Tensor,
+    atol: float = 1e-4,
+) -> float:
+    """Run `inputs` through onnxruntime and the eager model; the largest absolute difference.
+
+    Raises `ExportError` when it exceeds `atol`, or when the shapes differ.
+    """
+    session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: inputs.cpu().numpy()})
+    expected = model.eval()(inputs).float().cpu().numpy()
+    if got.shape != expected.shape:
+        raise ExportError(f"ONNX output shape {got.shape}, eager {expected.shape}")
+    error = float(np.abs(got - expected).max())
+    if error > atol:
+        raise ExportError(f"ONNX outputs differ from eager by up to {error:.2e} (> {atol:.0e})")
+    return error
