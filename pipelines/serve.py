@@ -7,7 +7,8 @@ multiplexing), and `@serve.batch` groups concurrent requests so the model runs o
 Requests are preprocessed by `pipelines.ingest.image_to_tokens` with the checkpoint's own config,
 the same function the training pipeline used. Hostile input never reaches the model: empty or
 oversized bodies, unsupported content types, undecodable or gigantic images, bad JSON or base64,
-and out-of-range `top_k` all get a 4xx with a JSON reason.
+and out-of-range `top_k` all get a 4xx with a JSON reason. `attention=true` adds the attention-
+rollout map of the image (the paper's Fig. 6) to a single-image prediction.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the
@@ -32,6 +33,7 @@ from ray import serve
 from pipelines import tracking
 from pipelines.ingest import BadImageError, image_to_tokens
 from vit import checkpoint as vit_checkpoint
+from vit.analysis import attention_rollout_map
 from vit.model import VisionTransformer
 
 TOKEN_ENV = "VITRAY_API_TOKEN"
@@ -174,12 +176,13 @@ class ViTService:
                 results[index] = probs[row]
         return results
 
-    async def _predict(
-        self, loaded: LoadedModel, images: list[bytes], top_k: int
-    ) -> list[list[dict[str, Any]]]:
-        if not 1 <= top_k <= min(self.config.max_top_k, len(loaded.class_names)):
-            limit = min(self.config.max_top_k, len(loaded.class_names))
+    def _check_top_k(self, loaded: LoadedModel, top_k: int) -> None:
+        limit = min(self.config.max_top_k, len(loaded.class_names))
+        if not 1 <= top_k <= limit:
             raise _error(422, f"top_k must be between 1 and {limit}, got {top_k}")
+
+    def _tokenize(self, loaded: LoadedModel, images: list[bytes]) -> list[np.ndarray]:
+        """Decode every image with the checkpoint's preprocessing, or 422 naming the bad one."""
         tokens = []
         for index, data in enumerate(images):
             try:
@@ -191,8 +194,28 @@ class ViTService:
             except BadImageError as error:
                 where = f"image {index}: " if len(images) > 1 else ""
                 raise _error(422, f"{where}{error}") from None
+        return tokens
+
+    async def _predict(
+        self, loaded: LoadedModel, tokens: list[np.ndarray], top_k: int
+    ) -> list[list[dict[str, Any]]]:
         probabilities = await asyncio.gather(*(self.predict_batched((loaded, t)) for t in tokens))
         return [self._top_k(loaded, p, top_k) for p in probabilities]
+
+    def _attention(self, loaded: LoadedModel, tokens: np.ndarray) -> dict[str, Any]:
+        """Attention rollout of one image: a (grid_h, grid_w) map scaled to a maximum of 1.
+
+        It needs the eager attention path, so it runs outside the batched forward pass.
+        """
+        batch = torch.from_numpy(tokens[None]).to(self.device)
+        with torch.inference_mode():
+            heat = attention_rollout_map(loaded.model, batch)[0]
+        return {
+            "method": "rollout",
+            "grid": list(loaded.model.config.grid_size),
+            "patch_size": loaded.model.config.patch_size,
+            "map": [[round(float(v), 4) for v in row] for row in heat.cpu()],
+        }
 
     @staticmethod
     def _top_k(loaded: LoadedModel, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
@@ -275,6 +298,16 @@ class ViTService:
         except (TypeError, ValueError):
             raise _error(422, f"{name} must be an integer, got {value!r}") from None
 
+    @staticmethod
+    def _bool_option(options: dict[str, Any], name: str) -> bool:
+        value = options.get(name, False)
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in ("true", "false", "1", "0"):
+            raise _error(422, f"{name} must be true or false, got {value!r}")
+        return text in ("true", "1")
+
     # ----------------------------------------------------------------- routes
     @app.post("/v1/predict")
     async def predict(self, request: Request) -> JSONResponse:
@@ -283,15 +316,17 @@ class ViTService:
         if len(images) != 1:
             raise _error(400, "send one image to /v1/predict; use /v1/predict/batch for several")
         loaded = await self._model_for(options.get("model"))
+        top_k = self._int_option(options, "top_k", 5)
+        self._check_top_k(loaded, top_k)
+        with_attention = self._bool_option(options, "attention")
         start = time.perf_counter()
-        [predictions] = await self._predict(loaded, images, self._int_option(options, "top_k", 5))
-        return JSONResponse(
-            {
-                "predictions": predictions,
-                "model": self._identity(loaded),
-                "latency_ms": round((time.perf_counter() - start) * 1000, 2),
-            }
-        )
+        tokens = self._tokenize(loaded, images)
+        [predictions] = await self._predict(loaded, tokens, top_k)
+        body = {"predictions": predictions, "model": self._identity(loaded)}
+        if with_attention:
+            body["attention"] = await asyncio.to_thread(self._attention, loaded, tokens[0])
+        body["latency_ms"] = round((time.perf_counter() - start) * 1000, 2)
+        return JSONResponse(body)
 
     @app.post("/v1/predict/batch")
     async def predict_batch(self, request: Request) -> JSONResponse:
@@ -302,7 +337,9 @@ class ViTService:
                 413, f"{len(images)} images exceed the limit of {self.config.max_batch_images}"
             )
         loaded = await self._model_for(options.get("model"))
-        results = await self._predict(loaded, images, self._int_option(options, "top_k", 5))
+        top_k = self._int_option(options, "top_k", 5)
+        self._check_top_k(loaded, top_k)
+        results = await self._predict(loaded, self._tokenize(loaded, images), top_k)
         return JSONResponse(
             {"results": [{"predictions": p} for p in results], "model": self._identity(loaded)}
         )

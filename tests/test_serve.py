@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from pipelines.ingest import image_to_tokens
 from pipelines.serve import ServeConfig, build_app
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
+from vit.analysis import attention_rollout_map
 
 TUXPAINT = Path("/usr/share/tuxpaint/stamps")
 TUX_CLASSES = ["animals", "food", "household", "plants", "town", "vehicles"]
@@ -48,6 +50,15 @@ def register(tmp: Path, name: str, config: ViTConfig, classes: list[str], seed: 
     run_id = tracking.start_run(f"register-{name}")
     tracking.client().log_artifacts(run_id, str(directory), "checkpoint")
     tracking.register_model(f"vit-{name}", run_id, "checkpoint", {}, alias="champion")
+
+
+SERVE_CONFIG = ServeConfig(
+    models={"vit-tux": "models:/vit-tux@champion", "vit-digits": "models:/vit-digits@champion"},
+    default_model="vit-tux",
+    max_body_bytes=2 * 2**20,
+    max_image_pixels=4_000_000,
+    batch_wait_timeout_s=0.05,
+)
 
 
 def free_port() -> int:
@@ -81,17 +92,7 @@ def endpoint(
         )
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ServeConfig(
-            models={
-                "vit-tux": "models:/vit-tux@champion",
-                "vit-digits": "models:/vit-digits@champion",
-            },
-            default_model="vit-tux",
-            max_body_bytes=2 * 2**20,
-            max_image_pixels=4_000_000,
-            batch_wait_timeout_s=0.05,
-        )
-        serve.run(build_app(config), name="vitray", route_prefix="/")
+        serve.run(build_app(SERVE_CONFIG), name="vitray", route_prefix="/")
         yield f"http://127.0.0.1:{port}", tmp
         serve.shutdown()
 
@@ -201,6 +202,10 @@ def hostile_requests() -> dict[str, tuple[dict, int]]:
             400,
         ),
         "bad base64": (dict(json={"image": "***not base64***"}), 400),
+        "attention not a boolean": (
+            dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"attention": "maybe"}),
+            422,
+        ),
         "unknown model": (
             dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"model": "nope"}),
             404,
@@ -241,3 +246,57 @@ def test_query_client_prints_the_table_and_fails_with_the_reason(
     bad.write_bytes(b"not a png")
     assert query.main([str(bad), "--url", url]) == 1
     assert "HTTP 422" in capsys.readouterr().err
+
+
+def test_attention_rollout_comes_back_and_matches_the_offline_map(
+    endpoint: tuple[str, Path],
+) -> None:
+    url, tmp = endpoint
+    image = real_images()[0]
+    params = {"model": "vit-tux", "attention": "true"}
+    response = post(
+        f"{url}/v1/predict", data=image, headers={"Content-Type": "image/jpeg"}, params=params
+    )
+    assert response.status_code == 200, response.text
+    attention = response.json()["attention"]
+    assert attention["method"] == "rollout" and attention["grid"] == [4, 4]
+    model, meta = vit_checkpoint.load(tmp / "tux")
+    tokens = torch.from_numpy(image_to_tokens(image, meta.config)[None])
+    offline = attention_rollout_map(model.eval(), tokens)[0]
+    np.testing.assert_allclose(np.array(attention["map"]), offline.numpy(), atol=1e-4)
+    plain = post(f"{url}/v1/predict", data=image, headers={"Content-Type": "image/jpeg"})
+    assert "attention" not in plain.json()
+
+
+def test_redeploy_after_the_alias_moves_serves_the_new_version_without_failed_requests(
+    endpoint: tuple[str, Path],
+) -> None:
+    """Load keeps flowing while Serve replaces the replica; the answers switch to version 2."""
+    url, tmp = endpoint
+    small = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
+    image = real_images()[1]
+    target = f"{url}/v1/predict?model=vit-digits"
+    before = post(target, data=image, headers={"Content-Type": "image/jpeg"}).json()
+    assert before["model"]["version"] == "1"
+    register(tmp, "digits", ViTConfig(image_size=8, patch_size=2, num_classes=10, **small),
+             [str(i) for i in range(10)], seed=7)  # fmt: skip
+    stop = threading.Event()
+
+    def hammer() -> list[tuple[int, str | None]]:
+        seen = []
+        while not stop.is_set():
+            reply = post(target, data=image, headers={"Content-Type": "image/jpeg"})
+            version = reply.json()["model"]["version"] if reply.status_code == 200 else None
+            seen.append((reply.status_code, version))
+        return seen
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        clients = [pool.submit(hammer) for _ in range(4)]
+        serve.run(build_app(SERVE_CONFIG), name="vitray", route_prefix="/")  # rolling update
+        after = post(target, data=image, headers={"Content-Type": "image/jpeg"}).json()
+        stop.set()
+        seen = [item for client in clients for item in client.result()]
+    assert after["model"]["version"] == "2"
+    assert len(seen) > 10
+    assert {code for code, _ in seen} == {200}
+    assert {version for _, version in seen} <= {"1", "2"}
