@@ -25,9 +25,9 @@ import ray.data
 import torch
 from mlflow.entities import Metric
 
-from pipelines import tracking
+from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
-from pipelines.ingest import DataErrorTracker, IngestConfig, to_tokens
+from pipelines.ingest import IngestConfig, start_error_tracker, to_tokens
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 from vit.evaluate import DEFAULT_L2_GRID, DEFAULT_SHOTS, extract_features, fewshot_evaluate
@@ -104,7 +104,7 @@ def run_fewshot(
             "model": meta.config.to_dict(),
         }
         tracking.log_params(run_id, params, uri)
-        tracker = DataErrorTracker.remote()
+        tracker = start_error_tracker()
         sizes = info.split_sizes or {}
         features = {}
         for split, cap in (("train", max_train_rows), ("test", max_test_rows)):
@@ -140,6 +140,8 @@ def run_fewshot(
             metrics[metric_name(k, std=True)] = std
         now = int(time.time() * 1000)
         mlflow.log_batch(run_id, metrics=[Metric(n, v, now, 0) for n, v in metrics.items()])
+        curve = figures.fewshot_curve(accuracy, 1 / info.num_classes, f"{dataset}: few-shot")
+        figures.log_figure(mlflow, run_id, curve, "figures/fewshot.png")
     except BaseException:
         mlflow.set_terminated(run_id, "FAILED")
         raise

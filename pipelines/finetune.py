@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from pipelines import tracking
+from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
 from pipelines.ingest import IngestConfig, to_tokens
 from pipelines.training import warmup_then_decay
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
+from vit.patches import unpatchify
 
 CHAMPION = "champion"
 SELECTION_SPLITS = ("train", "dev")  # what trials see; the test split is read once, at the end
@@ -204,9 +206,11 @@ def _tune_dataset(
     with best.checkpoint.as_directory() as directory:
         model, _ = vit_checkpoint.load(Path(directory))
         test = _tokens(dataset, "test", model.config, config.ingest)
-        test_accuracy = _accuracy(model, test)
+        predictions = _predict(model, test)
+        test_accuracy = float(np.mean(predictions == test["label"]))
         mlflow = tracking.client(uri)
         mlflow.log_artifacts(dataset_run, directory, "checkpoint")
+    _log_test_figures(mlflow, dataset_run, model.config, test, predictions, info.class_names)
     learning_rate = float(best.config["learning_rate"])
     for key, value in {
         "dev/accuracy": float(best.metrics["dev_accuracy"]),
@@ -248,14 +252,40 @@ def _tune_dataset(
 
 
 @torch.no_grad()
-def _accuracy(model: VisionTransformer, data: dict[str, np.ndarray], batch: int = 512) -> float:
+def _predict(model: VisionTransformer, data: dict[str, np.ndarray], batch: int = 512) -> np.ndarray:
+    """Predicted class of every row of {"tokens", "label"}, in eval mode."""
     model.eval()
-    correct = 0
-    for start in range(0, len(data["label"]), batch):
-        tokens = torch.from_numpy(data["tokens"][start : start + batch])
-        labels = torch.from_numpy(data["label"][start : start + batch])
-        correct += int((model(tokens).argmax(-1) == labels).sum())
-    return correct / max(1, len(data["label"]))
+    chunks = [
+        model(torch.from_numpy(data["tokens"][start : start + batch])).argmax(-1).numpy()
+        for start in range(0, len(data["label"]), batch)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+
+
+def _accuracy(model: VisionTransformer, data: dict[str, np.ndarray]) -> float:
+    return float(np.mean(_predict(model, data) == data["label"])) if len(data["label"]) else 0.0
+
+
+def _log_test_figures(
+    mlflow: Any,
+    run_id: str,
+    model_config: ViTConfig,
+    test: dict[str, np.ndarray],
+    predictions: np.ndarray,
+    class_names: Sequence[str],
+    samples: int = 16,
+) -> None:
+    """The test confusion matrix (figure + counts) and a grid of test images with predictions."""
+    figure, counts = figures.confusion_matrix(test["label"], predictions, class_names)
+    figures.log_figure(mlflow, run_id, figure, "figures/confusion_matrix.png")
+    mlflow.log_dict(run_id, {"classes": list(class_names), "counts": counts.tolist()},
+                    "confusion_matrix.json")  # fmt: skip
+    shown = slice(0, min(samples, len(predictions)))
+    images = unpatchify(
+        test["tokens"][shown], model_config.patch_size, model_config.grid_size, channels_last=True
+    )
+    grid = figures.sample_predictions(images, test["label"][shown], predictions[shown], class_names)
+    figures.log_figure(mlflow, run_id, grid, "figures/test_predictions.png")
 
 
 # ------------------------------------------------------------------------------ trial side

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 from PIL import Image, UnidentifiedImageError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vit.config import ViTConfig
 from vit.patches import patchify
@@ -177,6 +178,17 @@ class DataErrorTracker:
 
     def summary(self) -> dict[str, Any]:
         return {"rows": self.rows, "bad": self.bad, "samples": list(self.samples)}
+
+
+def start_error_tracker() -> ray.actor.ActorHandle:
+    """A `DataErrorTracker` pinned to this driver's node.
+
+    Left to the scheduler it may land on a worker node; when that node goes away (spot
+    reclaim, an elastic run shrinking) the counts vanish and every later map task fails on the
+    dead actor, so no retry of the stage can succeed. The driver's node lives as long as the job.
+    """
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return DataErrorTracker.options(scheduling_strategy=here).remote()
 
 
 def tokenize_batch(

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines import tracking
+from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
-from pipelines.ingest import Augmentation, DataErrorTracker, IngestConfig, to_tokens
+from pipelines.ingest import Augmentation, IngestConfig, start_error_tracker, to_tokens
 from pipelines.training import (
     Decay,
     autocast,
@@ -43,6 +43,7 @@ from vit.config import ViTConfig
 from vit.model import VisionTransformer
 
 TRAIN_STATE_FILE = "train_state.pt"
+CURVES = ("train/loss", "train/lr", "train/images_per_s", "dev/accuracy")  # drawn after the run
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def run(
     """Pretrain `config.model` on `config.dataset` and return the final checkpoint."""
     info = describe(config.dataset)
     model_config = config.model.replace(num_classes=len(info.class_names))
-    tracker = DataErrorTracker.remote()
+    tracker = start_error_tracker()
     train = to_tokens(
         read_dataset(config.dataset, "train").randomize_block_order(seed=config.seed),
         model_config,
@@ -148,6 +149,10 @@ def run(
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
     with result.checkpoint.as_directory() as directory:
         mlflow.log_artifacts(run_id, str(Path(directory) / "model"), "checkpoint")
+    history = {
+        key: [(m.step, m.value) for m in mlflow.get_metric_history(run_id, key)] for key in CURVES
+    }
+    figures.log_figure(mlflow, run_id, figures.training_curves(history), "figures/curves.png")
     mlflow.set_terminated(run_id)
     return PretrainResult(result.checkpoint.path, run_id, metrics)
 
@@ -238,11 +243,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy=parallel)
     _move_optimizer_state(optimizer, device)
 
-    metrics_log = None
-    if rank == 0:
-        metrics_log = tracking.MetricLog(
-            loop_config["run_id"], loop_config["tracking_uri"], "train/loss"
-        )
+    metrics_log = dev_log = None
+    if rank == 0:  # one log per group of metrics: each skips the steps it already holds
+        run_id, uri = loop_config["run_id"], loop_config["tracking_uri"]
+        metrics_log = tracking.MetricLog(run_id, uri, "train/loss")
+        dev_log = tracking.MetricLog(run_id, uri, "dev/accuracy")
         print(
             f"[pretrain] {world} worker(s) on {device}, global batch {config.global_batch_size}"
             f" = {world} workers x {accumulation} accumulation x {micro}, "
@@ -285,6 +290,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                     "train/grad_norm": float(grad_norm),
                     "train/images_per_s": images_per_s,
                     "train/step_time_s": time.perf_counter() - step_start,
+                    "world_size": world,
                 },
             )
             done = step - start_step
@@ -307,8 +313,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         }
         if evaluate:
             metrics["dev/accuracy"] = _dev_accuracy(model, device)
-            if metrics_log is not None:
-                metrics_log.log(step, {"dev/accuracy": metrics["dev/accuracy"]})
+            if dev_log is not None:
+                dev_log.log(step, {"dev/accuracy": metrics["dev/accuracy"]})
                 print(f"[pretrain] step {step} dev accuracy {metrics['dev/accuracy']:.4f}")
         if save:
             _report_with_checkpoint(metrics, model, optimizer, scheduler, state, loop_config, rank)

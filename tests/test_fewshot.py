@@ -69,6 +69,8 @@ def test_job_logs_fewshot_accuracy_above_chance(
     # accuracies of 0.37-0.43 over init seeds 0-2 on this protocol (ridge on raw pixels: 0.87).
     assert metrics["fewshot/10shot_accuracy"] > 0.25
     assert metrics["fewshot/10shot_accuracy"] > metrics["fewshot/1shot_accuracy"]
+    (plot,) = mlflow.list_artifacts(run.info.run_id, "figures")
+    assert plot.path == "figures/fewshot.png" and plot.file_size > 1000
 
 
 def test_row_cap_featurises_a_key_hash_subset(

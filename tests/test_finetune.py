@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines import finetune, tracking
@@ -64,6 +66,12 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
         assert mlflow.get_run(outcome.run_id).data.tags["vitray_failed_trials"] == "1e+38"
         reasons = mlflow.download_artifacts(outcome.run_id, "failed_trials.json", str(tmp_path))
         assert "loss became" in Path(reasons).read_text()
+        counts = mlflow.download_artifacts(outcome.run_id, "confusion_matrix.json", str(tmp_path))
+        matrix = np.array(json.loads(Path(counts).read_text())["counts"])
+        # The logged test confusion matrix agrees with the logged test accuracy.
+        assert np.trace(matrix) / matrix.sum() == pytest.approx(outcome.test_accuracy)
+        logged = {a.path for a in mlflow.list_artifacts(outcome.run_id, "figures")}
+        assert logged == {"figures/confusion_matrix.png", "figures/test_predictions.png"}
     meta = vit_checkpoint.read_metadata(Path(outcomes[0].checkpoint_path))
     assert meta.config.image_size == (12, 12)
     assert meta.config.num_classes == 10

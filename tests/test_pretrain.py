@@ -120,7 +120,11 @@ def test_ddp_on_two_nodes_keeps_replicas_identical_and_learns(
     losses = [m.value for m in tracking.client().get_metric_history(result.run_id, "train/loss")]
     assert sum(losses[-3:]) / 3 < losses[0]  # averaged: one batch's loss is noisy
     assert logged_steps(result.run_id) == list(range(5, 41, 5))
+    assert logged_steps(result.run_id, "dev/accuracy") == [20, 40]  # its own step record
+    assert tracking.client().get_run(result.run_id).data.metrics["world_size"] == 2
     assert Path(result.checkpoint_path, "model", "model.safetensors").is_file()
+    (curves,) = tracking.client().list_artifacts(result.run_id, "figures")
+    assert curves.path == "figures/curves.png" and curves.file_size > 1000
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
