@@ -1,4 +1,4 @@
-"""The whole recipe: prepare -> pretrain -> few-shot -> tune (+ scratch baseline) -> serve.
+"""The whole recipe: prepare -> pretrain -> analyze -> few-shot -> tune (+ scratch) -> serve.
 
 Each stage is the same `run()` the single-stage jobs call, fed with the previous stage's result
 record. A JSON state file remembers each finished stage with a hash of its inputs, so an
@@ -23,6 +23,7 @@ from typing import Any
 import requests
 
 from pipelines import finetune, pretrain, tracking
+from pipelines.analyze import run_analysis
 from pipelines.fewshot import run_fewshot
 from pipelines.finetune import FinetuneConfig
 from pipelines.prepare import PrepareConfig, prepare
@@ -107,7 +108,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         mlflow.set_tag(run_id, PARENT_TAG, parent)
 
     source = config.pretrain.dataset
-    prepared_dir = str(Path(config.data_dir) / source)
+    # Absolute: Ray Data tasks on other nodes do not share this driver's working directory.
+    prepared_dir = str(Path(config.data_dir).resolve() / source)
     cache.run(
         "prepare",
         {"source": source, "output": prepared_dir},
@@ -121,6 +123,12 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     )
     adopt(pretrained["run_id"])
     checkpoint = str(Path(pretrained["checkpoint_path"]) / "model")
+    analysed = cache.run(
+        "analyze",
+        {"checkpoint": checkpoint, "dataset": prepared_dir},
+        lambda: run_analysis(checkpoint, prepared_dir, experiment=config.experiment),
+    )
+    adopt(analysed["run_id"])
     fewshot = {}
     for dataset in config.finetune.datasets:
         result = cache.run(
@@ -160,6 +168,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         mlflow.set_tag(outcome["run_id"], "vitray_served_at", url)
     summary = {
         "pretrain": pretrained,
+        "analysis": analysed,
         "fewshot": fewshot,
         "finetune": transferred,
         "scratch": scratch,
@@ -221,6 +230,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     top = reply["predictions"][0]
     lines += [
         "",
+        f"attention maps and Fig. 7 analyses: MLflow run {summary['analysis']['run_id']}",
         f"served at {summary['url']}/v1/predict (API docs: {summary['url']}/docs)",
         f"smoke query -> {reply['model']['name']} v{reply['model']['version']}: "
         f"{top['label']} ({top['score']:.3f})",

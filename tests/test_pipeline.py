@@ -1,49 +1,205 @@
-"""The whole pipeline at smoke size on local Ray: every stage, the summary, a served answer."""
+"""The whole pipeline as users run it on a cluster: `ray job submit` to separate node processes.
+
+A head (`ray start --head`) and a worker node (`ray start --address`) run as their own processes
+with their own resources and temp dirs; MLflow is a real `mlflow server` on 127.0.0.1 with proxied
+artifacts, the cluster set-up of docs/cluster.md. The smoke pipeline is submitted with the repo as
+its working dir; pretraining runs two Ray Train workers pinned one per node. A second submission
+must skip every finished stage.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+from mlflow.tracking import MlflowClient
 
-from configs.pipeline_demo import get_config
-from pipelines import pipeline, tracking
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DATASETS = ("mnist-5k", "digits", "tuxpaint")
 
 
-@pytest.mark.usefixtures("ray_local")
-def test_smoke_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict[str, str], timeout: float = 120) -> str:
+    """Run the `ray` CLI; retries while a fresh cluster's job agent is still starting."""
+    deadline = time.monotonic() + 90
+    while True:
+        done = subprocess.run(
+            [str(BIN / "ray"), *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        starting = "No available agent" in done.stdout + done.stderr
+        if done.returncode == 0 or not starting or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+def node_options(temp_dir: str) -> list[str]:
+    """One node: 2 CPUs, one `trainer` slot, its own temp dir (a node's runtime-env agent
+    unpacks the job's working dir there) and free ports for the agents, which would otherwise
+    all ask for the same defaults on this one machine."""
+    return [
+        "--num-cpus=2",
+        '--resources={"trainer": 1}',
+        f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+def kill_processes_mentioning(text: str) -> None:
+    """Kill only this test's daemons (their command lines name its temp dirs); `ray stop`
+    would stop every other Ray on the machine too."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+@dataclass(frozen=True)
+class Cluster:
+    dashboard: str
+    env: dict[str, str]
+    mlflow_uri: str
+    scratch: Path  # outside the working dir: prepared data, pipeline state
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    # Short paths: Ray's AF_UNIX socket paths under a temp dir must stay within 107 bytes.
+    root = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
+    head_dir, worker_dir = f"{root}/h", f"{root}/w"
+    mlflow_port = free_port()
+    mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
+    mlflow_server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", f"{root}/mlartifacts",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this venv's
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        # Ray 2.60 authenticates cluster RPCs with a token: every node and the CLI share one.
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    try:
+        ray_cli(
+            "start", "--head", f"--port={port}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            *node_options(head_dir), env=env,
+        )  # fmt: skip
+        ray_cli("start", f"--address=127.0.0.1:{port}", *node_options(worker_dir), env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{mlflow_uri}/health", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        yield Cluster(f"http://127.0.0.1:{dashboard}", env, mlflow_uri, Path(root) / "out")
+    finally:
+        kill_processes_mentioning(root)
+        mlflow_server.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def submit_pipeline(cluster: Cluster, serve_port: int) -> str:
+    runtime_env = {
+        "working_dir": str(ROOT),
+        "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"],
+        "env_vars": {"MLFLOW_TRACKING_URI": cluster.mlflow_uri},
+    }
+    overrides = {
+        "data_dir": cluster.scratch / "data",
+        "state_dir": cluster.scratch / "state",
+        "serve_port": serve_port,
+        "pretrain.num_workers": 2,
+        "pretrain.micro_batch_size": 64,  # 128 = 2 workers x 64
+        "pretrain.extra_resources_per_worker": {"trainer": 1},  # one worker per node
+        "pretrain.storage_path": cluster.scratch / "train",
+        "finetune.storage_path": cluster.scratch / "tune",
+    }
+    settings = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    return ray_cli(
+        "job", "submit", f"--address={cluster.dashboard}",
+        f"--runtime-env-json={json.dumps(runtime_env)}",
+        "--", "python", "-m", "jobs.pipeline", "--smoke", *settings,
+        env=cluster.env, timeout=1500,
+    )  # fmt: skip
+
+
+def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
+    cluster: Cluster,
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    smoke = get_config(smoke=True)
-    config = dataclasses.replace(
-        smoke,
-        pretrain=dataclasses.replace(smoke.pretrain, storage_path=str(tmp_path / "train")),
-        finetune=dataclasses.replace(smoke.finetune, storage_path=str(tmp_path / "tune")),
-        data_dir=str(tmp_path / "data"),
-        state_dir=str(tmp_path / "state"),
-        serve_port=8123,
-    )
-    summary = pipeline.run(config)
-    table = pipeline.format_summary(summary)
-    for dataset in ("mnist-5k", "digits", "tuxpaint"):
-        assert f"| {dataset} |" in table
-    assert [o["dataset"] for o in summary["finetune"]] == ["mnist-5k", "digits", "tuxpaint"]
-    assert len(summary["scratch"]) == 3
-    assert summary["pretrain"]["metrics"]["dev/accuracy"] > 0.2  # ten classes
-    assert summary["smoke_query"]["model"]["name"] == "vit-tuxpaint"
-    health = requests.get(f"{summary['url']}/v1/health", timeout=30).json()
-    assert health["models"] == ["vit-digits", "vit-mnist-5k", "vit-tuxpaint"]
-    mlflow = tracking.client()
-    champion = mlflow.get_model_version_by_alias("vit-digits", "champion")
-    assert (
-        mlflow.get_run(champion.run_id).data.tags["vitray_pretrain_run"]
-        == (summary["pretrain"]["run_id"])
-    )
-    capsys.readouterr()
-    again = pipeline.run(config)
-    out = capsys.readouterr().out
-    assert out.count("reusing the finished result") == 7  # prepare, pretrain, 3 few-shot, 2 tunes
-    assert again["finetune"] == summary["finetune"]
+    serve_port = free_port()
+    logs = submit_pipeline(cluster, serve_port)
+    assert "succeeded" in logs
+    assert "[pretrain] 2 worker(s)" in logs
+    summary = logs[logs.index("==== summary") :]
+    for dataset in DATASETS:
+        assert f"| {dataset} |" in summary
+    assert f"served at http://127.0.0.1:{serve_port}/v1/predict" in summary
+    assert "smoke query -> vit-tuxpaint v1" in summary
+
+    mlflow = MlflowClient(tracking_uri=cluster.mlflow_uri, registry_uri=cluster.mlflow_uri)
+    experiment = mlflow.get_experiment_by_name("vitray")
+    runs = mlflow.search_runs([experiment.experiment_id], max_results=500)
+    [parent] = [r for r in runs if r.data.tags.get("vitray_stage") == "pipeline"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stages = {r.data.tags.get("vitray_stage") for r in children}
+    assert {"pretrain", "analyze", "fewshot"} <= stages
+    [pretrain] = [r for r in children if r.data.tags["vitray_stage"] == "pretrain"]
+    assert pretrain.data.metrics["world_size"] == 2
+    assert pretrain.data.metrics["dev/accuracy"] > 0.2  # ten classes
+    for dataset in DATASETS:
+        champion = mlflow.get_model_version_by_alias(f"vit-{dataset}", "champion")
+        run = mlflow.get_run(champion.run_id)
+        assert run.data.tags["vitray_pretrain_run"] == pretrain.info.run_id
+        assert run.data.tags["vitray_served_at"] == f"http://127.0.0.1:{serve_port}"
+        figures = {a.path for a in mlflow.list_artifacts(champion.run_id, "figures")}
+        assert figures == {"figures/confusion_matrix.png", "figures/test_predictions.png"}
+    parent_artifacts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "summary.md"} <= parent_artifacts
+    [analyze] = [r for r in children if r.data.tags["vitray_stage"] == "analyze"]
+    assert len(mlflow.list_artifacts(analyze.info.run_id, "figures")) == 4
+
+    again = submit_pipeline(cluster, free_port())
+    # prepare, pretrain, analyze, 3 few-shot, 2 tunes
+    assert again.count("reusing the finished result") == 8
+    assert "succeeded" in again
