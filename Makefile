@@ -10,7 +10,7 @@ READY := $(VENV)/.ready-$(LOCK_HASH)
 venv: $(READY)
 
 $(READY): pyproject.toml requirements.lock
-	@echo "vitray: building $(VENV) from requirements.lock (about 2 minutes, 6.5 GB)"
+	@echo "vitray: building $(VENV) from requirements.lock (about 5 minutes on 2 cores, 6.5 GB)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir -r requirements.lock

@@ -2,7 +2,7 @@
 
 Command:   make demo        (= .venv/bin/python -m jobs.pipeline --config configs/pipeline_demo.py)
 Smoke:     .venv/bin/python -m jobs.pipeline --smoke      (what tests/test_pipeline.py runs)
-Expected:  at most 15 minutes on 2 CPU cores; measured figures in docs/results.md.
+Expected:  about 12 minutes on 2 CPU cores (plus the one-time venv build); see docs/results.md.
 """
 
 import dataclasses

@@ -74,7 +74,8 @@ def sample_predictions(
     predictions: Sequence[int],
     class_names: Sequence[str],
 ) -> Figure:
-    """A grid of images (N, H, W, C uint8) titled with prediction, red where it is wrong."""
+    """A grid of images (N, H, W, C uint8) titled with the prediction; wrong ones in red, with
+    the true class in brackets."""
     columns = min(8, len(images))
     rows = -(-len(images) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
@@ -82,8 +83,10 @@ def sample_predictions(
         axis.axis("off")
     for axis, image, truth, guess in zip(axes.flat, images, labels, predictions, strict=False):
         axis.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
-        colour = "black" if guess == truth else "red"
-        axis.set_title(class_names[guess][:14], fontsize=8, color=colour)
+        title = class_names[guess][:12]
+        if guess != truth:
+            title += f" ({class_names[truth][:12]})"
+        axis.set_title(title, fontsize=7, color="black" if guess == truth else "red")
     figure.tight_layout()
     return figure
 
