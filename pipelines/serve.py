@@ -16,10 +16,12 @@ rollout map of the image (the paper's Fig. 6) to a single-image prediction.
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,7 @@ class ViTService:
         self.cache_dir = Path(os.environ.get("VITRAY_MODEL_CACHE", "/tmp/vitray-models"))
         self.token = os.environ.get(TOKEN_ENV)
         self.batch_sizes: list[int] = []
+        self.in_flight = 0
         self.predict_batched.set_max_batch_size(config.max_batch_size)
         self.predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -161,20 +164,22 @@ class ViTService:
         self, items: list[tuple[LoadedModel, np.ndarray]]
     ) -> list[np.ndarray]:
         """One forward pass per model present in the batch; returns class probabilities."""
-        self.batch_sizes.append(len(items))
-        del self.batch_sizes[:-1000]
         results: list[np.ndarray | None] = [None] * len(items)
         groups: dict[int, list[int]] = {}
         for index, (loaded, _) in enumerate(items):
             groups.setdefault(id(loaded), []).append(index)
         for indices in groups.values():
-            loaded = items[indices[0]][0]
-            tokens = torch.from_numpy(np.stack([items[i][1] for i in indices])).to(self.device)
-            with torch.inference_mode():
-                probs = loaded.model(tokens).float().softmax(-1).cpu().numpy()
+            probs = self._forward(items[indices[0]][0], [items[i][1] for i in indices])
             for row, index in enumerate(indices):
                 results[index] = probs[row]
         return results
+
+    def _forward(self, loaded: LoadedModel, tokens: list[np.ndarray]) -> np.ndarray:
+        self.batch_sizes.append(len(tokens))
+        del self.batch_sizes[:-1000]
+        batch = torch.from_numpy(np.stack(tokens)).to(self.device)
+        with torch.inference_mode():
+            return loaded.model(batch).float().softmax(-1).cpu().numpy()
 
     def _check_top_k(self, loaded: LoadedModel, top_k: int) -> None:
         limit = min(self.config.max_top_k, len(loaded.class_names))
@@ -199,8 +204,27 @@ class ViTService:
     async def _predict(
         self, loaded: LoadedModel, tokens: list[np.ndarray], top_k: int
     ) -> list[list[dict[str, Any]]]:
-        probabilities = await asyncio.gather(*(self.predict_batched((loaded, t)) for t in tokens))
+        """Batch with concurrent requests; a request alone runs at once.
+
+        Alone, the batch queue would only add its wait (`batch_wait_timeout_s`) to the latency,
+        so the model runs straight away; as soon as requests overlap they share forward passes.
+        """
+        if self.in_flight == 1 and len(tokens) == 1:
+            probabilities = list(self._forward(loaded, tokens))
+        else:
+            probabilities = await asyncio.gather(
+                *(self.predict_batched((loaded, t)) for t in tokens)
+            )
         return [self._top_k(loaded, p, top_k) for p in probabilities]
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count the prediction requests this replica is handling (see `_predict`)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def _attention(self, loaded: LoadedModel, tokens: np.ndarray) -> dict[str, Any]:
         """Attention rollout of one image: a (grid_h, grid_w) map scaled to a maximum of 1.
@@ -311,6 +335,10 @@ class ViTService:
     # ----------------------------------------------------------------- routes
     @app.post("/v1/predict")
     async def predict(self, request: Request) -> JSONResponse:
+        with self._counted():
+            return await self._predict_one(request)
+
+    async def _predict_one(self, request: Request) -> JSONResponse:
         self._authorise(request)
         images, options = await self._images(request)
         if len(images) != 1:
@@ -330,6 +358,10 @@ class ViTService:
 
     @app.post("/v1/predict/batch")
     async def predict_batch(self, request: Request) -> JSONResponse:
+        with self._counted():
+            return await self._predict_many(request)
+
+    async def _predict_many(self, request: Request) -> JSONResponse:
         self._authorise(request)
         images, options = await self._images(request)
         if len(images) > self.config.max_batch_images:
