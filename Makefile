@@ -9,7 +9,9 @@ READY := $(VENV)/.ready-$(LOCK_HASH)
 
 venv: $(READY)
 
-$(READY): pyproject.toml requirements.lock
+# No file prerequisites: the stamp's name carries the hash, and a fresh clone's new file times
+# must not force a rebuild of a cached venv.
+$(READY):
 	@echo "vitray: building $(VENV) from requirements.lock (about 5 minutes on 2 cores, 6.5 GB)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
