@@ -61,10 +61,10 @@ def run_analysis(
     model.eval()
     config = meta.config
     tokens, _ = sample_tokens(dataset, config, images)
-    batch = torch.from_numpy(tokens)
+    maps = analysis.attention_maps(model, torch.from_numpy(tokens))
     results = {
-        "attention_rollout": analysis.attention_rollout_map(model, batch).numpy(),
-        "attention_distance": analysis.mean_attention_distance(model, batch).numpy(),
+        "attention_rollout": analysis.rollout_map(config, maps).numpy(),
+        "attention_distance": analysis.attention_distance(config, maps).numpy(),
         "position_similarity": analysis.position_similarity(model).numpy(),
         "embedding_filters": analysis.embedding_filter_components(model).numpy(),
     }

@@ -11,11 +11,16 @@ from collections.abc import Sequence
 
 import torch
 
+from vit.config import ViTConfig
 from vit.model import VisionTransformer
 
 
-def _attention_maps(model: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
-    """Every layer's attention weights (B, heads, T, T), in eval mode, model mode restored."""
+@torch.no_grad()
+def attention_maps(model: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention weights (B, heads, T, T), in eval mode, model mode restored.
+
+    One forward pass serves both `rollout_map` and `attention_distance`.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -50,20 +55,23 @@ def rollout(maps: Sequence[torch.Tensor], residual_weight: float = 0.5) -> torch
     return joint
 
 
-@torch.no_grad()
-def attention_rollout_map(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+def rollout_map(config: ViTConfig, maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """Where the classifier looks: rollout from the pooled output to each patch, (B, gh, gw).
 
     Token-pooled models read the class-token row; GAP models the mean of the patch rows. Maps
     are scaled to a maximum of 1 per image for display.
     """
-    config = model.config
-    joint = rollout(_attention_maps(model, images))
+    joint = rollout(maps)
     prefix = config.num_prefix_tokens
     source = joint[:, 0] if config.pooling == "token" else joint[:, prefix:].mean(dim=1)
     relevance = source[:, prefix:]
     relevance = relevance / relevance.amax(dim=1, keepdim=True).clamp_min(1e-12)
     return relevance.reshape(-1, *config.grid_size)
+
+
+def attention_rollout_map(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """`rollout_map` of `images` through `model`."""
+    return rollout_map(model.config, attention_maps(model, images))
 
 
 def _patch_distances(grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -77,22 +85,25 @@ def _patch_distances(grid: tuple[int, int], patch_size: int) -> torch.Tensor:
     return torch.cdist(centres, centres)
 
 
-@torch.no_grad()
-def mean_attention_distance(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+def attention_distance(config: ViTConfig, maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean attention distance in pixels per layer and head (Fig. 7 right): (depth, heads).
 
     The "receptive field size" of each head: the attention-weighted distance from a query patch
     to the patches it attends to, averaged over query patches and images. Attention to the class
     token has no position, so each query's patch weights are renormalised to sum to one.
     """
-    config = model.config
     distances = _patch_distances(config.grid_size, config.patch_size)
     per_layer = []
-    for layer in _attention_maps(model, images):
+    for layer in maps:
         weights = _patch_to_patch(config.num_prefix_tokens, layer.float())
         per_query = (weights * distances).sum(dim=-1)  # (B, heads, N)
         per_layer.append(per_query.mean(dim=(0, 2)))
     return torch.stack(per_layer)
+
+
+def mean_attention_distance(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """`attention_distance` of `images` through `model`."""
+    return attention_distance(model.config, attention_maps(model, images))
 
 
 @torch.no_grad()
