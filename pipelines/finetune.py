@@ -20,7 +20,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,8 @@ class DatasetOutcome:
 
 def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[DatasetOutcome]:
     """Run the sweep dataset by dataset; returns one outcome per dataset."""
+    # Trials run in their own working directories: a relative path would not be found there.
+    config = replace(config, checkpoint=str(Path(config.checkpoint).resolve()))
     _, meta = vit_checkpoint.load(config.checkpoint)
     uri = tracking.tracking_uri()
     kind = "scratch" if config.from_scratch else "finetune"
@@ -98,7 +100,7 @@ def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[Dat
         tags={
             "vitray_stage": kind,
             "vitray_pretrain_run": str(meta.provenance.get("mlflow_run_id", "")),
-            "vitray_pretrain_checkpoint": str(Path(config.checkpoint).resolve()),
+            "vitray_pretrain_checkpoint": config.checkpoint,
         },
         uri=uri,
     )
@@ -189,6 +191,8 @@ def _tune_dataset(
                 reduction_factor=config.reduction_factor,
             ),
             max_concurrent_trials=config.max_concurrent_trials,
+            # A trial's actor starts the next trial: no new process, imports or copy of the data.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"{config.sweep_name}-{kind}-{dataset}",

@@ -34,10 +34,11 @@ def pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.usefixtures("ray_local")
 def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
-    pretrained: Path, tmp_path: Path
+    pretrained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(pretrained.parent)  # a relative checkpoint path, as users type it
     config = FinetuneConfig(
-        checkpoint=str(pretrained),
+        checkpoint=pretrained.name,
         datasets=("digits", "mnist-5k"),
         learning_rates=(0.1, 1e38),  # the second one overflows to inf, then NaN
         steps=40,
