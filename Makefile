@@ -10,8 +10,8 @@ READY := $(VENV)/.ready-$(LOCK_HASH)
 venv: $(READY)
 
 # pip byte-compiles the installed files one at a time; compileall after it uses every core.
-# Bytecode must exist up front: with
-# PYTHONDONTWRITEBYTECODE set, every process would otherwise recompile torch on import.
+# Bytecode must exist up front: with PYTHONDONTWRITEBYTECODE set, every process would otherwise
+# recompile torch on import.
 # (torch's py312_intrinsics.py is Python 3.12 syntax, a test helper no run imports.)
 # No file prerequisites: the stamp's name carries the hash, and a fresh clone's new file times
 # must not force a rebuild of a cached venv.
