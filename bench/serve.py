@@ -1,40 +1,61 @@
-"""Serving throughput and latency: dynamic batching vs max_batch_size=1, and the in-process floor.
+"""Serving throughput and latency: dynamic batching vs max_batch_size=1, per HTTP ingress.
 
-    .venv/bin/python bench/serve.py [--seconds 10] [--clients 1 16]
+    .venv/bin/python bench/serve.py [--seconds 8] [--clients 1 16]
 
-One Serve application per setting on a local Ray (2 CPUs), the same checkpoint (the demo model's
-architecture at 42 px, 10 classes) and the same real photo (scikit-learn's sample JPEG), posted
-by N closed-loop HTTP clients for T seconds each. The floor is the same preprocessing and forward
-pass called in-process, one image at a time.
+Serve's two HTTP ingresses, each in its own local Ray (2 CPUs): its default Python proxy actor,
+and HAProxy in front of the replicas' own HTTP servers (`RAY_SERVE_ENABLE_HA_PROXY=1`, see
+`pipelines.serve.HAPROXY_ENV`). In each, three applications: the demo model's architecture at
+42 px with `max_batch_size=16` and with `max_batch_size=1`, and a deployment that answers without
+doing anything (the ingress's own floor). N closed-loop clients post scikit-learn's sample JPEG
+for T seconds per setting. The in-process floor is the same preprocessing and forward pass called
+directly, one image at a time.
+
+The clients are asyncio coroutines speaking HTTP/1.1 with keep-alive: a tenth of a millisecond
+of CPU per request, so the load generator does not eat the 2 cores it is measuring.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
+import json
+import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import ray
-import requests
 import sklearn.datasets
 import torch
 from PIL import Image
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.pretrain_demo import MODEL
 from pipelines.ingest import image_to_tokens
-from pipelines.serve import ServeConfig, build_app
+from pipelines.serve import HAPROXY_ENV, ServeConfig, build_app
 from vit import VisionTransformer
 from vit import checkpoint as vit_checkpoint
+
+INGRESSES = {"python proxy": {}, "haproxy": HAPROXY_ENV}
+SETTINGS = ("batched", "unbatched", "no-op")
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})  # 2 CPUs taken
+class NoOp:
+    """Reads the body and answers: what the ingress costs with no work behind it."""
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        return JSONResponse({"bytes": len(await request.body())})
 
 
 def photo() -> bytes:
@@ -49,45 +70,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def closed_loop(url: str, image: bytes, clients: int, seconds: float) -> dict[str, float]:
-    """Each client sends its next request as soon as the previous answer arrives."""
-    latencies: list[float] = []
-    errors = 0
-    lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
-
-    def client() -> None:
-        nonlocal errors
-        session = requests.Session()
+async def _client(
+    port: int, path: str, body: bytes, deadline: float, latencies: list[float], errors: list[bytes]
+) -> None:
+    """One closed-loop client on one keep-alive connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    try:
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            try:
-                ok = (
-                    session.post(
-                        url, data=image, headers={"Content-Type": "image/jpeg"}, timeout=30
-                    ).status_code
-                    == 200
-                )
-            except requests.RequestException:
-                ok = False
-            elapsed = time.perf_counter() - start
-            with lock:
-                if ok:
-                    latencies.append(elapsed)
-                else:
-                    errors += 1
+            writer.write(request)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            if status.split()[1:2] == [b"200"]:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors.append(status)
+    finally:
+        writer.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+
+def closed_loop(port: int, path: str, body: bytes, clients: int, seconds: float) -> dict:
+    """Each client sends its next request as soon as the previous answer arrives."""
+    latencies: list[float] = []
+    errors: list[bytes] = []
+
+    async def run() -> None:
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(
+            *(_client(port, path, body, deadline, latencies, errors) for _ in range(clients))
+        )
+
+    asyncio.run(run())
     latencies.sort()
     return {
         "rps": len(latencies) / seconds,
         "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-        "errors": errors,
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        "errors": len(errors),
     }
 
 
@@ -105,48 +133,72 @@ def in_process_ms(directory: Path, image: bytes, repeats: int = 200) -> float:
     return 1000 * statistics.median(times)
 
 
+def measure_ingress(directory: Path, clients: list[int], seconds: float) -> dict:
+    """Runs in a child process whose environment picked the ingress before Ray started."""
+    image = photo()
+    ray.init(num_cpus=2, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for name, batch in (("batched", 16), ("unbatched", 1)):
+        config = ServeConfig(
+            models={"bench": str(directory)}, default_model="bench", max_batch_size=batch
+        )
+        serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    serve.run(NoOp.bind(), name="no-op", route_prefix="/no-op")
+    paths = {"batched": "/batched/v1/predict", "unbatched": "/unbatched/v1/predict"}
+    results = {}
+    for count in clients:
+        for name in SETTINGS:
+            path = paths.get(name, "/no-op")
+            closed_loop(port, path, image, count, 2)  # warm-up: model load, connections
+            results[f"{name}/{count}"] = closed_loop(port, path, image, count, seconds)
+    serve.shutdown()
+    ray.shutdown()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # checkpoint dir, in a child process
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure_ingress(Path(args.child), args.clients, args.seconds)))
+        return
     image = photo()
+    config = MODEL.replace(image_size=42, num_classes=10, representation_size=None)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "model"
-        config = MODEL.replace(image_size=42, num_classes=10, representation_size=None)
         vit_checkpoint.save(VisionTransformer(config), directory)
         floor = in_process_ms(directory, image)
-        ray.init(num_cpus=2, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for name, batch in (("batched", 16), ("unbatched", 1)):
-            serve_config = ServeConfig(
-                models={"bench": str(directory)}, default_model="bench", max_batch_size=batch
-            )
-            serve.run(build_app(serve_config), name=name, route_prefix=f"/{name}")
         results = {}
-        for clients in args.clients:
-            for name in ("batched", "unbatched"):
-                url = f"http://127.0.0.1:{port}/{name}/v1/predict"
-                closed_loop(url, image, clients, 2)  # warm-up: model load, connections
-                results[name, clients] = closed_loop(url, image, clients, args.seconds)
-        serve.shutdown()
-        ray.shutdown()
+        for ingress, env in INGRESSES.items():
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", str(directory), "--seconds",
+                 str(args.seconds), "--clients", *map(str, args.clients)],
+                env={**os.environ, **env}, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            results[ingress] = json.loads(child.stdout.strip().splitlines()[-1])
     print(
-        f"# {platform.node()} {platform.machine()}, 2 CPUs, {args.seconds:.0f} s per setting, "
-        f"image {len(image)} bytes JPEG, model {config.depth}x{config.width} at 42 px"
+        f"# {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {args.seconds:.0f} s "
+        f"per setting, image {len(image)} bytes JPEG, model {config.depth}x{config.width} at 42 px"
     )
     print(f"# in-process floor (decode + preprocess + forward, 1 image, 1 thread): {floor:.2f} ms")
-    print("| setting | clients | requests/s | p50 ms | p99 ms | errors | p50 over floor ms |")
-    print("|---|---|---|---|---|---|---|")
-    for (name, clients), r in results.items():
-        print(
-            f"| {name} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['errors']} | {r['p50_ms'] - floor:.1f} |"
-        )
-    for clients in args.clients:
-        ratio = results["batched", clients]["rps"] / results["unbatched", clients]["rps"]
-        print(f"# {clients} clients: batching throughput ratio {ratio:.2f}x")
+    print("| ingress | setting | clients | req/s | p50 ms | p99 ms | errors | p50 over floor ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for ingress, rows in results.items():
+        for key, r in rows.items():
+            name, clients = key.split("/")
+            over = "" if name == "no-op" else f"{r['p50_ms'] - floor:.1f}"
+            print(
+                f"| {ingress} | {name} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['errors']} | {over} |"
+            )
+    for ingress, rows in results.items():
+        for clients in args.clients:
+            ratio = rows[f"batched/{clients}"]["rps"] / rows[f"unbatched/{clients}"]["rps"]
+            print(f"# {ingress}, {clients} clients: batching throughput ratio {ratio:.2f}x")
 
 
 if __name__ == "__main__":

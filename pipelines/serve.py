@@ -40,6 +40,10 @@ from vit.model import VisionTransformer
 
 TOKEN_ENV = "VITRAY_API_TOKEN"
 MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
+# Serve's HTTP ingress through HAProxy straight to the replicas' own HTTP servers instead of its
+# Python proxy actor. It is read when the cluster's processes start, so it belongs in the
+# environment of `ray start` (or of the process that starts a local Ray).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 @dataclass(frozen=True)
