@@ -2,7 +2,7 @@
 
 Command:   make demo        (= .venv/bin/python -m jobs.pipeline --config configs/pipeline_demo.py)
 Smoke:     .venv/bin/python -m jobs.pipeline --smoke      (what tests/test_pipeline.py runs)
-Expected:  about 12 minutes on 2 CPU cores (plus the one-time venv build); see docs/results.md.
+Expected:  about 10.5 minutes on 2 CPU cores (plus the one-time venv build); see docs/results.md.
 """
 
 import dataclasses
