@@ -47,7 +47,12 @@ from vit import VisionTransformer
 from vit import checkpoint as vit_checkpoint
 
 INGRESSES = {"python proxy": {}, "haproxy": HAPROXY_ENV}
-SETTINGS = ("batched", "unbatched", "no-op")
+# Each setting is an application under its own route prefix; the path its clients post to.
+PATHS = {
+    "batched": "/batched/v1/predict",
+    "unbatched": "/unbatched/v1/predict",
+    "no-op": "/no-op",
+}
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})  # 2 CPUs taken
@@ -145,11 +150,9 @@ def measure_ingress(directory: Path, clients: list[int], seconds: float) -> dict
         )
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
     serve.run(NoOp.bind(), name="no-op", route_prefix="/no-op")
-    paths = {"batched": "/batched/v1/predict", "unbatched": "/unbatched/v1/predict"}
     results = {}
     for count in clients:
-        for name in SETTINGS:
-            path = paths.get(name, "/no-op")
+        for name, path in PATHS.items():
             closed_loop(port, path, image, count, 2)  # warm-up: model load, connections
             results[f"{name}/{count}"] = closed_loop(port, path, image, count, seconds)
     serve.shutdown()
