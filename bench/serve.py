@@ -1,14 +1,16 @@
 """Serving throughput and latency: dynamic batching vs max_batch_size=1, per HTTP ingress.
 
-    .venv/bin/python bench/serve.py [--seconds 8] [--clients 1 16]
+    .venv/bin/python bench/serve.py [--seconds 8] [--clients 1 16] [--ingress NAME ...]
 
-Serve's two HTTP ingresses, each in its own local Ray (2 CPUs): its default Python proxy actor,
-and HAProxy in front of the replicas' own HTTP servers (`RAY_SERVE_ENABLE_HA_PROXY=1`, see
-`pipelines.serve.HAPROXY_ENV`). In each, three applications: the demo model's architecture at
-42 px with `max_batch_size=16` and with `max_batch_size=1`, and a deployment that answers without
-doing anything (the ingress's own floor). N closed-loop clients post scikit-learn's sample JPEG
-for T seconds per setting. The in-process floor is the same preprocessing and forward pass called
-directly, one image at a time.
+Serve's HTTP ingresses, each in its own local Ray (2 CPUs): its Python proxy actor (Ray's
+default); HAProxy in front of the replicas' own HTTP servers (`RAY_SERVE_ENABLE_HA_PROXY=1`); and
+HAProxy with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` as well, vitray's default
+(`pipelines.serve.HIGH_THROUGHPUT_ENV`). In each, three applications: the demo model's
+architecture at 42 px with `max_batch_size=16` and with `max_batch_size=1`, and a deployment that
+answers without doing anything (the ingress's own floor). N closed-loop clients post
+scikit-learn's sample JPEG for T seconds per setting; afterwards the replica's `/v1/stats` gives
+the mean batch size the model saw. The in-process floor is the same preprocessing and forward
+pass called directly, one image at a time.
 
 The clients are asyncio coroutines speaking HTTP/1.1 with keep-alive: a tenth of a millisecond
 of CPU per request, so the load generator does not eat the 2 cores it is measuring.
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import ray
@@ -42,11 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.pretrain_demo import MODEL
 from pipelines.ingest import image_to_tokens
-from pipelines.serve import HAPROXY_ENV, ServeConfig, build_app
+from pipelines.serve import HIGH_THROUGHPUT_ENV, ServeConfig, build_app
 from vit import VisionTransformer
 from vit import checkpoint as vit_checkpoint
 
-INGRESSES = {"python proxy": {}, "haproxy": HAPROXY_ENV}
+# Each ingress runs in its own local Ray, started with these settings over the caller's.
+INGRESSES = {
+    "python-proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    "haproxy+throughput": HIGH_THROUGHPUT_ENV,
+}
 # Each setting is an application under its own route prefix; the path its clients post to.
 PATHS = {
     "batched": "/batched/v1/predict",
@@ -124,6 +132,12 @@ def closed_loop(port: int, path: str, body: bytes, clients: int, seconds: float)
     }
 
 
+def mean_batch(port: int, app: str) -> float:
+    """Mean batch size over the model's last 1000 forward passes (the replica's /v1/stats)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{app}/v1/stats") as response:
+        return json.load(response)["mean_batch"]
+
+
 def in_process_ms(directory: Path, image: bytes, repeats: int = 200) -> float:
     model, meta = vit_checkpoint.load(directory)
     model.eval()
@@ -155,6 +169,8 @@ def measure_ingress(directory: Path, clients: list[int], seconds: float) -> dict
         for name, path in PATHS.items():
             closed_loop(port, path, image, count, 2)  # warm-up: model load, connections
             results[f"{name}/{count}"] = closed_loop(port, path, image, count, seconds)
+            if name != "no-op":
+                results[f"{name}/{count}"]["mean_batch"] = mean_batch(port, name)
     serve.shutdown()
     ray.shutdown()
     return results
@@ -164,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--ingress", nargs="+", choices=list(INGRESSES), default=list(INGRESSES))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # checkpoint dir, in a child process
     args = parser.parse_args()
     if args.child:
@@ -176,11 +193,12 @@ def main() -> None:
         vit_checkpoint.save(VisionTransformer(config), directory)
         floor = in_process_ms(directory, image)
         results = {}
-        for ingress, env in INGRESSES.items():
+        for ingress in args.ingress:
             child = subprocess.run(
                 [sys.executable, __file__, "--child", str(directory), "--seconds",
                  str(args.seconds), "--clients", *map(str, args.clients)],
-                env={**os.environ, **env}, capture_output=True, text=True, check=True,
+                env={**os.environ, **INGRESSES[ingress]}, capture_output=True, text=True,
+                check=True,
             )  # fmt: skip
             results[ingress] = json.loads(child.stdout.strip().splitlines()[-1])
     print(
@@ -188,15 +206,19 @@ def main() -> None:
         f"per setting, image {len(image)} bytes JPEG, model {config.depth}x{config.width} at 42 px"
     )
     print(f"# in-process floor (decode + preprocess + forward, 1 image, 1 thread): {floor:.2f} ms")
-    print("| ingress | setting | clients | req/s | p50 ms | p99 ms | errors | p50 over floor ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| ingress | setting | clients | req/s | p50 ms | p99 ms | errors | p50 over floor ms "
+        "| mean batch |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for ingress, rows in results.items():
         for key, r in rows.items():
             name, clients = key.split("/")
             over = "" if name == "no-op" else f"{r['p50_ms'] - floor:.1f}"
+            batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else ""
             print(
                 f"| {ingress} | {name} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
-                f"{r['p99_ms']:.1f} | {r['errors']} | {over} |"
+                f"{r['p99_ms']:.1f} | {r['errors']} | {over} | {batch} |"
             )
     for ingress, rows in results.items():
         for clients in args.clients:

@@ -12,6 +12,8 @@ from typing import Any
 
 import ray
 
+from pipelines.serve import HIGH_THROUGHPUT_ENV
+
 
 def load_config(path: str, smoke: bool, overrides: list[str]) -> Any:
     """Import a config file, call its `get_config(smoke)`, apply `key=value` overrides."""
@@ -62,8 +64,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def connect(address: str | None) -> None:
-    """Join a running cluster (as under `ray job submit`) or start a local Ray for this run."""
+def connect(address: str | None) -> bool:
+    """Join a cluster (`--address`, or RAY_ADDRESS as under `ray job submit`) or start a local
+    Ray for this run; never a Ray that happens to run on this machine. Returns whether this
+    process started its Ray, which then ends with it, Serve included.
+
+    A cluster's Serve settings come from the environment of its `ray start`; a local Ray takes
+    them from this process, so vitray's serving defaults are put there first.
+    """
     if ray.is_initialized():
-        return
-    ray.init(address=address, log_to_driver=True)
+        return False
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    for name, value in HIGH_THROUGHPUT_ENV.items():
+        os.environ.setdefault(name, value)
+    ray.init(address="local", log_to_driver=True)
+    return True

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.smoke, args.set)
-    connect(args.address)
+    local_ray = connect(args.address)
     start = time.perf_counter()
     summary = pipeline.run(config)
     pipeline.banner(f"summary ({(time.perf_counter() - start) / 60:.1f} min)")
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    serve.shutdown()
+    if not local_ray:  # a cluster's Serve outlives this job: drain and stop the endpoint
+        serve.shutdown()
     return 0
 
 

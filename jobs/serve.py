@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = reference
     if not models:
         parser.error("name at least one model with --datasets or --model")
-    connect(args.address)
+    local_ray = connect(args.address)
     config = ServeConfig(
         models=models,
         default_model=next(iter(models)),
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        if not local_ray:  # a local Ray takes the endpoint down as this process exits
+            serve.shutdown()
     return 0
 
 

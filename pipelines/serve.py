@@ -16,6 +16,7 @@ rollout map of the image (the paper's Fig. 6) to a single-image prediction.
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import hmac
 import json
@@ -40,10 +41,12 @@ from vit.model import VisionTransformer
 
 TOKEN_ENV = "VITRAY_API_TOKEN"
 MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
-# Serve's HTTP ingress through HAProxy straight to the replicas' own HTTP servers instead of its
-# Python proxy actor. It is read when the cluster's processes start, so it belongs in the
-# environment of `ray start` (or of the process that starts a local Ray).
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Serve's high-throughput mode, vitray's default: HAProxy in front of the replicas' own HTTP
+# servers instead of Serve's Python proxy actor, and the replica's user code on its main event
+# loop (no hop between threads). Ray reads these when a cluster's processes start, so they belong
+# in the environment of `ray start` (cluster.yaml); `jobs.common.connect` sets them for a local
+# Ray. A value already in the environment wins (`=0` brings back the Python proxy).
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ class ViTService:
         )
         self.cache_dir = Path(os.environ.get("VITRAY_MODEL_CACHE", "/tmp/vitray-models"))
         self.token = os.environ.get(TOKEN_ENV)
-        self.batch_sizes: list[int] = []
+        self.forward_passes = 0
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # the latest
         self.in_flight = 0
         self.predict_batched.set_max_batch_size(config.max_batch_size)
         self.predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -179,8 +183,8 @@ class ViTService:
         return results
 
     def _forward(self, loaded: LoadedModel, tokens: list[np.ndarray]) -> np.ndarray:
+        self.forward_passes += 1
         self.batch_sizes.append(len(tokens))
-        del self.batch_sizes[:-1000]
         batch = torch.from_numpy(np.stack(tokens)).to(self.device)
         with torch.inference_mode():
             return loaded.model(batch).float().softmax(-1).cpu().numpy()
@@ -211,8 +215,12 @@ class ViTService:
         """Batch with concurrent requests; a request alone runs at once.
 
         Alone, the batch queue would only add its wait (`batch_wait_timeout_s`) to the latency,
-        so the model runs straight away; as soon as requests overlap they share forward passes.
+        so the model runs straight away. Before deciding, the request yields to the event loop
+        once: requests that arrived while the previous forward pass ran (already read by the
+        replica's HTTP server, or handed over by Serve) get to this point too, so under load they
+        meet in the batch queue instead of each finding the model free and running alone.
         """
+        await asyncio.sleep(0)
         if self.in_flight == 1 and len(tokens) == 1:
             probabilities = list(self._forward(loaded, tokens))
         else:
@@ -392,8 +400,13 @@ class ViTService:
     @app.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
         """Batch sizes the model saw recently: how well dynamic batching is working."""
-        sizes = self.batch_sizes
-        return {"batches": len(sizes), "max_batch": max(sizes, default=0), "recent": sizes[-50:]}
+        sizes = list(self.batch_sizes)
+        return {
+            "forward_passes": self.forward_passes,
+            "max_batch": max(sizes, default=0),  # over the latest 1000 forward passes
+            "mean_batch": round(float(np.mean(sizes)), 2) if sizes else 0.0,
+            "recent": sizes[-50:],
+        }
 
     @staticmethod
     def _identity(loaded: LoadedModel) -> dict[str, Any]:

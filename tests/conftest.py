@@ -22,18 +22,26 @@ import pytest
 import ray
 from PIL import Image
 
+from pipelines.serve import HIGH_THROUGHPUT_ENV
+
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    """A local Ray for the whole module; the dashboard stays on (Tune needs it, see RAY-NOTES)."""
-    ray.init(
-        address="local",  # never join another Ray on this machine
-        num_cpus=2,
-        object_store_memory=512 * 2**20,
-        include_dashboard=True,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    """A local Ray for the whole module; the dashboard stays on (Tune needs it, see RAY-NOTES).
+
+    It runs Serve the way `jobs.common.connect` does: in its high-throughput mode.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in HIGH_THROUGHPUT_ENV.items():
+            mp.setenv(name, value)
+        ray.init(
+            address="local",  # never join another Ray on this machine
+            num_cpus=2,
+            object_store_memory=512 * 2**20,
+            include_dashboard=True,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     yield
     ray.shutdown()
 

@@ -27,6 +27,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from pipelines.serve import HIGH_THROUGHPUT_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATASETS = ("mnist-5k", "digits", "tuxpaint")
@@ -118,6 +120,7 @@ def cluster() -> Iterator[Cluster]:
         # Ray 2.60 authenticates cluster RPCs with a token: every node and the CLI share one.
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        **HIGH_THROUGHPUT_ENV,  # as cluster.yaml starts its nodes
     }
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
