@@ -145,6 +145,7 @@ class ViTService:
         self.cache_dir = Path(os.environ.get("VITRAY_MODEL_CACHE", "/tmp/vitray-models"))
         self.token = os.environ.get(TOKEN_ENV)
         self.forward_passes = 0
+        self.images_forwarded = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # the latest
         self.in_flight = 0
         self.predict_batched.set_max_batch_size(config.max_batch_size)
@@ -184,6 +185,7 @@ class ViTService:
 
     def _forward(self, loaded: LoadedModel, tokens: list[np.ndarray]) -> np.ndarray:
         self.forward_passes += 1
+        self.images_forwarded += len(tokens)
         self.batch_sizes.append(len(tokens))
         batch = torch.from_numpy(np.stack(tokens)).to(self.device)
         with torch.inference_mode():
@@ -403,6 +405,7 @@ class ViTService:
         sizes = list(self.batch_sizes)
         return {
             "forward_passes": self.forward_passes,
+            "images": self.images_forwarded,
             "max_batch": max(sizes, default=0),  # over the latest 1000 forward passes
             "mean_batch": round(float(np.mean(sizes)), 2) if sizes else 0.0,
             "recent": sizes[-50:],

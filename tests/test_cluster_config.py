@@ -1,4 +1,4 @@
-"""cluster.yaml must pass the Ray cluster launcher's own schema and consistency checks."""
+"""cluster.yaml and configs/serve.yaml must pass Ray's own schemas and consistency checks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+from pipelines.serve import ServeConfig, app_builder
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "cluster.yaml"
+SERVE_YAML = ROOT / "configs" / "serve.yaml"
 
 
 def test_cluster_yaml_passes_ray_validation() -> None:
@@ -27,3 +33,11 @@ def test_a_misspelt_field_is_caught_by_the_same_validation() -> None:
     config["available_node_types"]["gpu_trainer"]["max_wrokers"] = 3
     with pytest.raises(Exception, match="max_wrokers"):
         validate_config(prepare_config(config))
+
+
+def test_serve_yaml_passes_serve_schema_and_builds_the_app() -> None:
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
+    [application] = config.applications
+    assert application.import_path == "pipelines.serve:app_builder"
+    ServeConfig(**application.args)  # every arg is a ServeConfig field
+    assert isinstance(app_builder(application.args), Application)

@@ -94,7 +94,8 @@ def endpoint(
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(SERVE_CONFIG), name="vitray", route_prefix="/")
         yield f"http://127.0.0.1:{port}", tmp
-        serve.shutdown()
+        # `ray_local` ends the module's Ray and Serve with it; serve.shutdown() would first
+        # drain the replicas for Serve's 30 s minimum.
 
 
 def post(url: str, **kwargs: object) -> requests.Response:
