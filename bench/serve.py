@@ -1,6 +1,6 @@
 """Serving throughput and latency: dynamic batching vs max_batch_size=1, per HTTP ingress.
 
-    .venv/bin/python bench/serve.py [--seconds 8] [--clients 1 16] [--ingress NAME ...]
+    .venv/bin/python bench/serve.py [--seconds 5] [--rounds 3] [--clients 1 16] [--ingress ...]
 
 Serve's HTTP ingresses, each in its own local Ray (2 CPUs): its Python proxy actor (Ray's
 default); HAProxy in front of the replicas' own HTTP servers (`RAY_SERVE_ENABLE_HA_PROXY=1`); and
@@ -8,9 +8,11 @@ HAProxy with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` as well, vitray's default
 (`pipelines.serve.HIGH_THROUGHPUT_ENV`). In each, three applications: the demo model's
 architecture at 42 px with `max_batch_size=16` and with `max_batch_size=1`, and a deployment that
 answers without doing anything (the ingress's own floor). N closed-loop clients post
-scikit-learn's sample JPEG for T seconds per setting; afterwards the replica's `/v1/stats` gives
-the mean batch size the model saw. The in-process floor is the same preprocessing and forward
-pass called directly, one image at a time.
+scikit-learn's sample JPEG for T seconds per setting, the settings taking turns for R rounds (on
+a noisy VM a slow spell then hits them all, not one); the replica's `/v1/stats` counts the images
+and forward passes the model ran meanwhile. The in-process floor, measured in the same process
+before its Ray starts, is the same preprocessing and forward pass called directly, one image at a
+time.
 
 The clients are asyncio coroutines speaking HTTP/1.1 with keep-alive: a tenth of a millisecond
 of CPU per request, so the load generator does not eat the 2 cores it is measuring.
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -111,7 +114,18 @@ async def _client(
         writer.close()
 
 
-def closed_loop(port: int, path: str, body: bytes, clients: int, seconds: float) -> dict:
+@dataclass
+class Run:
+    """One closed-loop run of one setting; images and passes are the model's, during the run."""
+
+    latencies: list[float]
+    errors: int
+    seconds: float
+    images: int = 0
+    passes: int = 0
+
+
+def closed_loop(port: int, path: str, body: bytes, clients: int, seconds: float) -> Run:
     """Each client sends its next request as soon as the previous answer arrives."""
     latencies: list[float] = []
     errors: list[bytes] = []
@@ -123,12 +137,19 @@ def closed_loop(port: int, path: str, body: bytes, clients: int, seconds: float)
         )
 
     asyncio.run(run())
-    latencies.sort()
+    return Run(latencies, len(errors), seconds)
+
+
+def summarise(runs: list[Run]) -> dict:
+    """Median requests/s over the rounds; latency percentiles over every request of them."""
+    latencies = sorted(latency for run in runs for latency in run.latencies)
+    passes = sum(run.passes for run in runs)
     return {
-        "rps": len(latencies) / seconds,
+        "rps": statistics.median(len(run.latencies) / run.seconds for run in runs),
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-        "errors": len(errors),
+        "errors": sum(run.errors for run in runs),
+        "mean_batch": sum(run.images for run in runs) / passes if passes else None,
     }
 
 
@@ -153,9 +174,10 @@ def in_process_ms(directory: Path, image: bytes, repeats: int = 200) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure_ingress(directory: Path, clients: list[int], seconds: float) -> dict:
+def measure_ingress(directory: Path, clients: list[int], seconds: float, rounds: int) -> dict:
     """Runs in a child process whose environment picked the ingress before Ray started."""
     image = photo()
+    floor = in_process_ms(directory, image)
     ray.init(num_cpus=2, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -165,62 +187,71 @@ def measure_ingress(directory: Path, clients: list[int], seconds: float) -> dict
         )
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
     serve.run(NoOp.bind(), name="no-op", route_prefix="/no-op")
-    results = {}
+    results: dict = {"floor_ms": floor}
     for count in clients:
-        for name, path in PATHS.items():
+        for path in PATHS.values():
             closed_loop(port, path, image, count, 2)  # warm-up: model load, connections
-            if name == "no-op":
-                results[f"{name}/{count}"] = closed_loop(port, path, image, count, seconds)
-                continue
-            images_before, passes_before = model_counters(port, name)
-            result = closed_loop(port, path, image, count, seconds)
-            images, passes = model_counters(port, name)
-            result["mean_batch"] = (images - images_before) / (passes - passes_before)
-            results[f"{name}/{count}"] = result
+        runs: dict[str, list[Run]] = {name: [] for name in PATHS}
+        for _ in range(rounds):  # settings take turns, so a slow spell of the VM hits them all
+            for name, path in PATHS.items():
+                if name == "no-op":
+                    runs[name].append(closed_loop(port, path, image, count, seconds))
+                    continue
+                images_before, passes_before = model_counters(port, name)
+                run = closed_loop(port, path, image, count, seconds)
+                images, passes = model_counters(port, name)
+                run.images, run.passes = images - images_before, passes - passes_before
+                runs[name].append(run)
+        for name, measured in runs.items():
+            results[f"{name}/{count}"] = summarise(measured)
     ray.shutdown()  # takes Serve down at once; serve.shutdown() would drain replicas for 30 s
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--seconds", type=float, default=5, help="per setting and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--ingress", nargs="+", choices=list(INGRESSES), default=list(INGRESSES))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # checkpoint dir, in a child process
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_ingress(Path(args.child), args.clients, args.seconds)))
+        results = measure_ingress(Path(args.child), args.clients, args.seconds, args.rounds)
+        print(json.dumps(results))
         return
     image = photo()
     config = MODEL.replace(image_size=42, num_classes=10, representation_size=None)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "model"
         vit_checkpoint.save(VisionTransformer(config), directory)
-        floor = in_process_ms(directory, image)
         results = {}
         for ingress in args.ingress:
             child = subprocess.run(
                 [sys.executable, __file__, "--child", str(directory), "--seconds",
-                 str(args.seconds), "--clients", *map(str, args.clients)],
+                 str(args.seconds), "--rounds", str(args.rounds),
+                 "--clients", *map(str, args.clients)],
                 env={**os.environ, **INGRESSES[ingress]}, capture_output=True, text=True,
                 check=True,
             )  # fmt: skip
             results[ingress] = json.loads(child.stdout.strip().splitlines()[-1])
     print(
-        f"# {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {args.seconds:.0f} s "
-        f"per setting, image {len(image)} bytes JPEG, model {config.depth}x{config.width} at 42 px"
+        f"# {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {args.rounds} rounds "
+        f"of {args.seconds:.0f} s per setting, image {len(image)} bytes JPEG, "
+        f"model {config.depth}x{config.width} at 42 px"
     )
-    print(f"# in-process floor (decode + preprocess + forward, 1 image, 1 thread): {floor:.2f} ms")
     print(
         "| ingress | setting | clients | req/s | p50 ms | p99 ms | errors | p50 over floor ms "
         "| mean batch |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for ingress, rows in results.items():
+        floor = rows.pop("floor_ms")
+        print(f"| {ingress} | in-process floor | 1 |  | {floor:.1f} |  |  |  | 1.0 |")
         for key, r in rows.items():
             name, clients = key.split("/")
             over = "" if name == "no-op" else f"{r['p50_ms'] - floor:.1f}"
-            batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else ""
+            batch = "" if r["mean_batch"] is None else f"{r['mean_batch']:.1f}"
             print(
                 f"| {ingress} | {name} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
                 f"{r['p99_ms']:.1f} | {r['errors']} | {over} | {batch} |"

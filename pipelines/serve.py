@@ -214,7 +214,7 @@ class ViTService:
     async def _predict(
         self, loaded: LoadedModel, tokens: list[np.ndarray], top_k: int
     ) -> list[list[dict[str, Any]]]:
-        """Batch with concurrent requests; a request alone runs at once.
+        """Batch with concurrent requests; a request alone, or any with batching off, runs at once.
 
         Alone, the batch queue would only add its wait (`batch_wait_timeout_s`) to the latency,
         so the model runs straight away. Before deciding, the request yields to the event loop
@@ -223,8 +223,9 @@ class ViTService:
         meet in the batch queue instead of each finding the model free and running alone.
         """
         await asyncio.sleep(0)
-        if self.in_flight == 1 and len(tokens) == 1:
-            probabilities = list(self._forward(loaded, tokens))
+        alone = self.in_flight == 1 and len(tokens) == 1
+        if alone or self.config.max_batch_size == 1:  # 1: batching off, no queue to pass
+            probabilities = [self._forward(loaded, [t])[0] for t in tokens]
         else:
             probabilities = await asyncio.gather(
                 *(self.predict_batched((loaded, t)) for t in tokens)
