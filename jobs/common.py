@@ -66,8 +66,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def connect(address: str | None) -> bool:
     """Join a cluster (`--address`, or RAY_ADDRESS as under `ray job submit`) or start a local
-    Ray for this run; never a Ray that happens to run on this machine. Returns whether this
-    process started its Ray, which then ends with it, Serve included.
+    Ray for this run; never a Ray that happens to run on this machine. Returns whether this call
+    started a local Ray, which then ends with the process, Serve included.
 
     A cluster's Serve settings come from the environment of its `ray start`; a local Ray takes
     them from this process, so vitray's serving defaults are put there first.

@@ -165,7 +165,6 @@ def test_concurrent_requests_are_batched(endpoint: tuple[str, Path]) -> None:
     assert codes == [200] * 48
     stats = requests.get(f"{url}/v1/stats", timeout=30).json()
     during = stats["recent"][-(stats["forward_passes"] - before) :]  # this load's passes
-    print("batch sizes under load:", during)
     assert sum(during) == 48
     assert max(during) > 1
 
