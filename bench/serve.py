@@ -5,7 +5,7 @@
 Serve's HTTP ingresses, each in its own local Ray (2 CPUs): its Python proxy actor (Ray's
 default); HAProxy in front of the replicas' own HTTP servers (`RAY_SERVE_ENABLE_HA_PROXY=1`); and
 HAProxy with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` as well, vitray's default
-(`pipelines.serve.HIGH_THROUGHPUT_ENV`). In each, three applications: the demo model's
+(`jobs.common.HIGH_THROUGHPUT_ENV`). In each, three applications: the demo model's
 architecture at 42 px with `max_batch_size=16` and with `max_batch_size=1`, and a deployment that
 answers without doing anything (the ingress's own floor). N closed-loop clients post
 scikit-learn's sample JPEG for T seconds per setting, the settings taking turns for R rounds (on
@@ -47,8 +47,9 @@ from starlette.responses import JSONResponse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.pretrain_demo import MODEL
+from jobs.common import HIGH_THROUGHPUT_ENV
 from pipelines.ingest import image_to_tokens
-from pipelines.serve import HIGH_THROUGHPUT_ENV, ServeConfig, build_app
+from pipelines.serve import ServeConfig, build_app
 from vit import VisionTransformer
 from vit import checkpoint as vit_checkpoint
 

@@ -12,7 +12,12 @@ from typing import Any
 
 import ray
 
-from pipelines.serve import HIGH_THROUGHPUT_ENV
+# Serve's high-throughput mode, vitray's default: HAProxy in front of the replicas' own HTTP
+# servers instead of Serve's Python proxy actor, and the replica's user code on its main event
+# loop (no hop between threads). Ray reads these when a cluster's processes start, so they belong
+# in the environment of `ray start` (cluster.yaml); `connect` sets them for a local Ray.
+# A value already in the environment wins (`=0` brings back the Python proxy).
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def load_config(path: str, smoke: bool, overrides: list[str]) -> Any:

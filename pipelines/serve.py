@@ -41,12 +41,6 @@ from vit.model import VisionTransformer
 
 TOKEN_ENV = "VITRAY_API_TOKEN"
 MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
-# Serve's high-throughput mode, vitray's default: HAProxy in front of the replicas' own HTTP
-# servers instead of Serve's Python proxy actor, and the replica's user code on its main event
-# loop (no hop between threads). Ray reads these when a cluster's processes start, so they belong
-# in the environment of `ray start` (cluster.yaml); `jobs.common.connect` sets them for a local
-# Ray. A value already in the environment wins (`=0` brings back the Python proxy).
-HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 @dataclass(frozen=True)
@@ -402,7 +396,7 @@ class ViTService:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
-        """Batch sizes the model saw recently: how well dynamic batching is working."""
+        """How well dynamic batching is working: lifetime counts and the latest batch sizes."""
         sizes = list(self.batch_sizes)
         return {
             "forward_passes": self.forward_passes,

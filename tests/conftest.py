@@ -22,7 +22,7 @@ import pytest
 import ray
 from PIL import Image
 
-from pipelines.serve import HIGH_THROUGHPUT_ENV
+from jobs.common import HIGH_THROUGHPUT_ENV
 
 
 @pytest.fixture(scope="module")

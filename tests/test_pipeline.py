@@ -27,7 +27,7 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from pipelines.serve import HIGH_THROUGHPUT_ENV
+from jobs.common import HIGH_THROUGHPUT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
