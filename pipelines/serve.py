@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -90,14 +91,30 @@ def resolve_model(reference: str, cache_dir: Path) -> tuple[Path, dict[str, Any]
     # download_artifacts keeps the artifact folder's own name under the destination.
     target = cache_dir / f"{name}-v{version.version}"
     directory = target / Path(version.source).name
-    if not (directory / vit_checkpoint.METADATA_FILE).exists():
-        from mlflow.artifacts import download_artifacts
-
-        download_artifacts(
-            artifact_uri=version.source, dst_path=str(target), tracking_uri=tracking.tracking_uri()
-        )
+    if not directory.exists():
+        _download(version.source, target, directory)
     identity = {"source": reference, "version": str(version.version), "run_id": version.run_id}
     return directory, identity
+
+
+def _download(source: str, target: Path, directory: Path) -> None:
+    """Download into a staging folder, then rename it into place in one step.
+
+    A cached checkpoint directory is therefore always complete, even when replicas on one node
+    download the same version at once or a download dies half-way.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as staging:
+        download_artifacts(
+            artifact_uri=source, dst_path=staging, tracking_uri=tracking.tracking_uri()
+        )
+        try:
+            os.rename(Path(staging) / directory.name, directory)
+        except OSError:
+            if not directory.exists():  # not another replica's finished copy: a real failure
+                raise
 
 
 def load_model(name: str, reference: str, device: torch.device, cache_dir: Path) -> LoadedModel:
@@ -290,8 +307,10 @@ class ViTService:
         if content_type.startswith("image/") or content_type == "application/octet-stream":
             return [await self._body(request)], options
         if content_type == "multipart/form-data":
-            self._check_declared_size(request)
-            form = await request.form()
+            # Parsed from the body read under the size limit: Starlette's own parser would spool
+            # a chunked upload (no Content-Length to check) to disk without any limit.
+            replay = self._replay(request, await self._body(request))
+            form = await replay.form(max_files=self.config.max_batch_images)
             images = [await f.read() for key, f in form.multi_items() if hasattr(f, "read")]
             options.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
             if not images:
@@ -304,6 +323,15 @@ class ViTService:
             f"unsupported content type {content_type or '(none)'}; use image/*, "
             "multipart/form-data or application/json",
         )
+
+    @staticmethod
+    def _replay(request: Request, body: bytes) -> Request:
+        """The same request, its body served from memory."""
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return Request(request.scope, receive)
 
     @staticmethod
     def _json_images(body: bytes, options: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
@@ -325,11 +353,20 @@ class ViTService:
 
     @staticmethod
     def _int_option(options: dict[str, Any], name: str, default: int) -> int:
+        """An integer from the query string or JSON; not a bool, a fraction or a list."""
         value = options.get(name, default)
-        try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             return int(value)
-        except (TypeError, ValueError):
-            raise _error(422, f"{name} must be an integer, got {value!r}") from None
+        raise _error(422, f"{name} must be an integer, got {value!r}")
+
+    @staticmethod
+    def _str_option(options: dict[str, Any], name: str) -> str | None:
+        value = options.get(name)
+        if value is None or isinstance(value, str):
+            return value
+        raise _error(422, f"{name} must be a string, got {value!r}")
 
     @staticmethod
     def _bool_option(options: dict[str, Any], name: str) -> bool:
@@ -352,7 +389,7 @@ class ViTService:
         images, options = await self._images(request)
         if len(images) != 1:
             raise _error(400, "send one image to /v1/predict; use /v1/predict/batch for several")
-        loaded = await self._model_for(options.get("model"))
+        loaded = await self._model_for(self._str_option(options, "model"))
         top_k = self._int_option(options, "top_k", 5)
         self._check_top_k(loaded, top_k)
         with_attention = self._bool_option(options, "attention")
@@ -377,7 +414,7 @@ class ViTService:
             raise _error(
                 413, f"{len(images)} images exceed the limit of {self.config.max_batch_images}"
             )
-        loaded = await self._model_for(options.get("model"))
+        loaded = await self._model_for(self._str_option(options, "model"))
         top_k = self._int_option(options, "top_k", 5)
         self._check_top_k(loaded, top_k)
         results = await self._predict(loaded, self._tokenize(loaded, images), top_k)

@@ -181,8 +181,17 @@ def png_bomb() -> bytes:
     return bytes(data)
 
 
+def chunked_multipart(size: int) -> Iterator[bytes]:
+    """A multipart upload streamed in chunks: no Content-Length announces its size."""
+    yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+    for _ in range(size // 2**16):
+        yield b"\0" * 2**16
+    yield b"\r\n--b--\r\n"
+
+
 def hostile_requests() -> dict[str, tuple[dict, int]]:
     jpeg = real_images()[0]
+    encoded = base64.b64encode(jpeg).decode()
     return {
         "empty body": (dict(data=b"", headers={"Content-Type": "image/png"}), 400),
         "not an image": (dict(data=b"hello" * 50, headers={"Content-Type": "image/png"}), 422),
@@ -190,6 +199,13 @@ def hostile_requests() -> dict[str, tuple[dict, int]]:
         "decompression bomb": (dict(data=png_bomb(), headers={"Content-Type": "image/png"}), 422),
         "oversize body": (
             dict(data=b"\0" * (3 * 2**20), headers={"Content-Type": "image/png"}),
+            413,
+        ),
+        "oversize chunked multipart": (
+            dict(
+                data=chunked_multipart(3 * 2**20),
+                headers={"Content-Type": "multipart/form-data; boundary=b"},
+            ),
             413,
         ),
         "unsupported type": (dict(data=b"abc", headers={"Content-Type": "text/plain"}), 415),
@@ -206,6 +222,9 @@ def hostile_requests() -> dict[str, tuple[dict, int]]:
             400,
         ),
         "bad base64": (dict(json={"image": "***not base64***"}), 400),
+        "model not a string": (dict(json={"image": encoded, "model": ["vit-tux"]}), 422),
+        "top_k a fraction": (dict(json={"image": encoded, "top_k": 2.5}), 422),
+        "top_k a boolean": (dict(json={"image": encoded, "top_k": True}), 422),
         "attention not a boolean": (
             dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"attention": "maybe"}),
             422,
