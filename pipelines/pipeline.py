@@ -91,6 +91,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def keyed_pretrain(config: PretrainConfig) -> tuple[str, PretrainConfig]:
+    """The config's hash, and the config with its Ray Train run named after that hash.
+
+    Ray Train resumes a run of the same name from its checkpoints: right after a crash, wrong
+    after a config change (the old run's weights and step would come back).
+    """
+    key = tracking.config_hash(config)
+    return key, dataclasses.replace(config, run_name=f"{config.run_name}-{key[:8]}")
+
+
 def run(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the summary."""
     cache = StageCache(Path(config.state_dir) / config.name / "state.json")
@@ -115,10 +125,12 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         {"source": source, "output": prepared_dir},
         lambda: prepare(PrepareConfig(source=source, output=prepared_dir)),
     )
-    pretrain_config = dataclasses.replace(config.pretrain, dataset=prepared_dir)
+    pretrain_key, pretrain_config = keyed_pretrain(
+        dataclasses.replace(config.pretrain, dataset=prepared_dir)
+    )
     pretrained = cache.run(
         "pretrain",
-        tracking.config_hash(pretrain_config),
+        pretrain_key,
         lambda: pretrain.run(pretrain_config, parent_run_id=parent),
     )
     adopt(pretrained["run_id"])

@@ -9,6 +9,7 @@ must skip every finished stage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -27,7 +28,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from jobs.common import HIGH_THROUGHPUT_ENV
+from jobs.common import HIGH_THROUGHPUT_ENV, load_config
+from pipelines.pipeline import keyed_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -210,3 +212,14 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
     # prepare, pretrain, analyze, 3 few-shot, 2 tunes
     assert again.count("reusing the finished result") == 8
     assert "succeeded" in again
+
+
+def test_a_changed_pretraining_config_starts_a_new_ray_train_run() -> None:
+    """Same config, same run (a crashed stage resumes); another config, another run."""
+    demo = load_config(str(ROOT / "configs/pretrain_demo.py"), smoke=True, overrides=[])
+    key, named = keyed_pretrain(demo)
+    assert keyed_pretrain(demo) == (key, named)
+    assert named.run_name.startswith(demo.run_name)
+    changed_key, changed = keyed_pretrain(dataclasses.replace(demo, learning_rate=3e-4))
+    assert changed_key != key
+    assert changed.run_name != named.run_name
