@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +60,6 @@ class IngestConfig:
     max_bad_fraction: float = 0.01  # above this fraction of bad rows the run stops
     min_rows_before_check: int = 200  # do not judge the fraction on the first few rows
     max_image_pixels: int = 64_000_000  # reject decompression bombs before decoding
-    seed: int = 0
 
 
 def image_to_tokens(
@@ -161,23 +159,32 @@ def _random_box(
 
 @ray.remote(num_cpus=0)
 class DataErrorTracker:
-    """Counts rows seen and rows skipped across every map task of a stage."""
+    """Counts rows read and rows skipped across every map task of a stage.
+
+    The reads count every pass over the data (epochs, retried tasks) and give the bad fraction;
+    the bad images themselves are reported once each, however often they were read.
+    """
 
     def __init__(self, max_samples: int = 20) -> None:
-        self.rows = 0
-        self.bad = 0
-        self.samples: list[tuple[str, str]] = []
+        self.rows_read = 0
+        self.bad_reads = 0
+        self.bad_images: dict[str, str] = {}  # key -> why, in the order first seen
         self.max_samples = max_samples
 
     def record(self, rows: int, bad: list[tuple[str, str]]) -> tuple[int, int]:
-        self.rows += rows
-        self.bad += len(bad)
-        room = self.max_samples - len(self.samples)
-        self.samples.extend(bad[:room])
-        return self.rows, self.bad
+        self.rows_read += rows
+        self.bad_reads += len(bad)
+        for key, why in bad:
+            self.bad_images.setdefault(key, why)
+        return self.rows_read, self.bad_reads
 
     def summary(self) -> dict[str, Any]:
-        return {"rows": self.rows, "bad": self.bad, "samples": list(self.samples)}
+        return {
+            "rows_read": self.rows_read,
+            "bad_reads": self.bad_reads,
+            "bad": len(self.bad_images),
+            "samples": list(self.bad_images.items())[: self.max_samples],
+        }
 
 
 def start_error_tracker() -> ray.actor.ActorHandle:
@@ -201,9 +208,9 @@ def tokenize_batch(
 ) -> dict[str, np.ndarray]:
     """Ray Data map function: rows {key, image, label} -> rows {tokens, label}, bad rows dropped."""
     keys = batch["key"]
-    # A per-batch seed from its keys keeps augmentation reproducible and different across batches.
-    seed = zlib.crc32(str(keys[0]).encode()) if len(keys) else 0
-    rng = np.random.default_rng([ingest.seed, seed])
+    # Fresh entropy for every batch, so each pass over the data draws new crops and flips. A
+    # seed derived from the rows would hand every image the same augmentation every epoch.
+    rng = np.random.default_rng()
     tokens, labels, bad = [], [], []
     for key, data, label in zip(keys, batch["image"], batch["label"], strict=True):
         try:
@@ -225,7 +232,7 @@ def tokenize_batch(
             examples = "; ".join(f"{k}: {why}" for k, why in bad[:3])
             raise DataQualityError(
                 f"{bad_total} of {rows} images unreadable ({bad_total / rows:.1%}, limit "
-                f"{ingest.max_bad_fraction:.1%}); for example {examples}"
+                f"{ingest.max_bad_fraction:.1%})" + (f"; for example {examples}" if bad else "")
             )
     shape = (0, config.num_patches, config.patch_dim)
     return {

@@ -24,6 +24,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.data import RandomSeedConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -100,7 +101,10 @@ def run(
     model_config = config.model.replace(num_classes=len(info.class_names))
     tracker = start_error_tracker()
     train = to_tokens(
-        read_dataset(config.dataset, "train").randomize_block_order(seed=config.seed),
+        # Reseeded each pass: every epoch reads the blocks in another order, reproducibly.
+        read_dataset(config.dataset, "train").randomize_block_order(
+            seed=RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
+        ),
         model_config,
         augmentation=config.augmentation,
         ingest=config.ingest,

@@ -16,6 +16,7 @@ from pipelines.ingest import (
     IngestConfig,
     image_to_tokens,
     to_tokens,
+    tokenize_batch,
 )
 from vit import ViTConfig
 from vit.config import Preprocessing
@@ -80,6 +81,25 @@ def test_random_augmentation_is_reproducible_from_the_generator() -> None:
     assert not np.array_equal(a, c)
 
 
+def test_each_pass_over_a_batch_draws_new_augmentations() -> None:
+    """The same rows in a later epoch get other crops: augmentation is not frozen per image."""
+    batch = {
+        "key": np.array(["a", "b"]),
+        "image": np.array([encode(RGB), encode(RGB[::-1])], dtype=object),
+        "label": np.array([0, 1]),
+    }
+    kwargs = dict(
+        config=config(),
+        augmentation=Augmentation(crop_scale=(0.3, 1.0)),
+        ingest=IngestConfig(),
+        tracker=None,
+    )
+    first = tokenize_batch(batch, **kwargs)["tokens"]
+    second = tokenize_batch(batch, **kwargs)["tokens"]
+    assert first.shape == second.shape == (2, 16, 192)
+    assert not np.array_equal(first, second)
+
+
 def truncated_png() -> bytes:
     return encode(RGB)[:200]
 
@@ -116,13 +136,14 @@ def test_ray_pipeline_skips_and_counts_corrupt_rows() -> None:
     dataset = ray.data.from_items(rows(good=40, bad=3))
     ingest = IngestConfig(batch_size=8, max_bad_fraction=0.2, min_rows_before_check=0)
     out = to_tokens(dataset, config(), ingest=ingest, tracker=tracker)
-    batches = list(out.iter_batches(batch_size=None, batch_format="numpy"))
-    labels = np.concatenate([b["label"] for b in batches])
-    tokens = np.concatenate([b["tokens"] for b in batches])
-    assert len(labels) == 40
-    assert tokens.shape == (40, 16, 192)
+    for _ in range(2):  # two epochs: the same bad rows are read twice, reported once
+        batches = list(out.iter_batches(batch_size=None, batch_format="numpy"))
+        labels = np.concatenate([b["label"] for b in batches])
+        tokens = np.concatenate([b["tokens"] for b in batches])
+        assert len(labels) == 40
+        assert tokens.shape == (40, 16, 192)
     summary = ray.get(tracker.summary.remote())
-    assert summary["rows"] == 43
+    assert (summary["rows_read"], summary["bad_reads"]) == (86, 6)
     assert summary["bad"] == 3
     assert sorted(key for key, _ in summary["samples"]) == ["bad/0", "bad/1", "bad/2"]
 
