@@ -326,59 +326,72 @@ def _trial(
         scheduler.load_state_dict(saved["scheduler"])
         step = saved["step"]
     trial_name = tune.get_context().get_trial_name()
-    run_id = tracking.start_run(
-        trial_name,
-        experiment=config.experiment,
-        parent_run_id=parent_run,
-        tags={"vitray_stage": "trial", "vitray_dataset": dataset},
-        uri=uri,
-    )
     mlflow = tracking.client(uri)
-    mlflow.log_param(run_id, "learning_rate", learning_rate)
+    if saved:
+        run_id = saved["run_id"]
+    else:
+        run_id = tracking.start_run(
+            trial_name,
+            experiment=config.experiment,
+            parent_run_id=parent_run,
+            tags={"vitray_stage": "trial", "vitray_dataset": dataset},
+            uri=uri,
+        )
+        mlflow.log_param(run_id, "learning_rate", learning_rate)
     rng = np.random.default_rng([config.seed, step])
     count = len(train["label"])
     batch = min(config.batch_size, count)
     model.train()
-    while step < config.steps:
-        index = rng.choice(count, size=batch, replace=False)
-        tokens = torch.from_numpy(train["tokens"][index])
-        labels = torch.from_numpy(train["label"][index])
-        loss = torch.nn.functional.cross_entropy(model(tokens), labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step} (lr {learning_rate})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if step % config.eval_every and step != config.steps:
-            continue
-        dev_accuracy = _accuracy(model, dev)
-        model.train()
-        metrics = {"dev_accuracy": dev_accuracy, "train_loss": float(loss), "step": step}
-        mlflow.log_metric(run_id, "dev/accuracy", dev_accuracy, step=step)
-        mlflow.log_metric(run_id, "train/loss", float(loss), step=step)
-        with tempfile.TemporaryDirectory() as directory:
-            provenance = {
-                "dataset": dataset,
-                "stage": "finetune",
-                "step": step,
-                "trial": trial_name,
-            }
-            vit_checkpoint.save(model, directory, class_names=class_names, provenance=provenance)
-            torch.save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+    status = "FAILED"
+    try:
+        while step < config.steps:
+            index = rng.choice(count, size=batch, replace=False)
+            tokens = torch.from_numpy(train["tokens"][index])
+            labels = torch.from_numpy(train["label"][index])
+            loss = torch.nn.functional.cross_entropy(model(tokens), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {step} (lr {learning_rate})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % config.eval_every and step != config.steps:
+                continue
+            dev_accuracy = _accuracy(model, dev)
+            model.train()
+            metrics = {"dev_accuracy": dev_accuracy, "train_loss": float(loss), "step": step}
+            mlflow.log_metric(run_id, "dev/accuracy", dev_accuracy, step=step)
+            mlflow.log_metric(run_id, "train/loss", float(loss), step=step)
+            with tempfile.TemporaryDirectory() as directory:
+                provenance = {
+                    "dataset": dataset,
+                    "stage": "finetune",
                     "step": step,
-                },
-                Path(directory) / "trial_state.pt",
-            )
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-    mlflow.set_terminated(run_id)
+                    "trial": trial_name,
+                }
+                vit_checkpoint.save(
+                    model, directory, class_names=class_names, provenance=provenance
+                )
+                torch.save(
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "run_id": run_id,  # a restored trial goes on logging to its own run
+                    },
+                    Path(directory) / "trial_state.pt",
+                )
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        status = "FINISHED"
+    except SystemExit:  # how Tune ends a trial it stops, inside tune.report
+        status = "FINISHED" if step >= config.steps else "KILLED"  # KILLED: stopped early
+        raise
+    finally:
+        mlflow.set_terminated(run_id, status)
 
 
 def _initial_model(config: FinetuneConfig, model_config: ViTConfig) -> VisionTransformer:

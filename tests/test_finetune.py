@@ -71,6 +71,12 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
         matrix = np.array(json.loads(Path(counts).read_text())["counts"])
         # The logged test confusion matrix agrees with the logged test accuracy.
         assert np.trace(matrix) / matrix.sum() == pytest.approx(outcome.test_accuracy)
+        experiment = mlflow.get_run(outcome.run_id).info.experiment_id
+        trials = mlflow.search_runs(
+            [experiment], filter_string=f"tags.mlflow.parentRunId = '{outcome.run_id}'"
+        )
+        statuses = {r.data.params["learning_rate"]: r.info.status for r in trials}
+        assert statuses == {"0.1": "FINISHED", "1e+38": "FAILED"}  # no run left RUNNING
         logged = {a.path for a in mlflow.list_artifacts(outcome.run_id, "figures")}
         assert logged == {"figures/confusion_matrix.png", "figures/test_predictions.png"}
     meta = vit_checkpoint.read_metadata(Path(outcomes[0].checkpoint_path))
