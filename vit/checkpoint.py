@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import stat
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,8 @@ def save(
 ) -> Path:
     """Write `model` to the directory `path` (created if needed) and return it.
 
-    Files are written under temporary names and renamed, so a crash mid-save never leaves a
-    directory whose weights and metadata disagree.
+    Each file is written under a temporary name and renamed into place, so no reader ever sees
+    a half-written file. Overwriting a checkpoint swaps its two files one after the other.
     """
     config = model.config
     if class_names is not None and len(class_names) != config.num_classes:
@@ -83,6 +84,8 @@ def read_metadata(path: str | os.PathLike[str]) -> CheckpointMetadata:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, not {type(data).__name__}")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{file} has format version {version!r}, expected {FORMAT_VERSION}")
@@ -128,11 +131,15 @@ def load(
 
 
 def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    # Created like any new file, so its mode is what the umask allows; kept after the write,
+    # because safetensors leaves its files owner-only and checkpoints are shared and served.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

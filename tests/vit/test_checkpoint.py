@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,17 @@ def test_round_trip_restores_outputs_config_and_metadata(tmp_path: Path) -> None
         assert torch.equal(loaded.eval()(x), model(x))
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Readable by the group and others under the default umask: serving may run as another user."""
+    umask = os.umask(0o022)
+    try:
+        save(make_model(), tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ("model.safetensors", "vit.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+
+
 def test_a_model_saved_at_one_resolution_fine_tunes_at_another(tmp_path: Path) -> None:
     config = ViTConfig(image_size=32, patch_size=8, width=64, depth=1, mlp_dim=64, num_heads=2)
     save(VisionTransformer(config), tmp_path)
@@ -84,6 +97,7 @@ def test_a_config_that_does_not_match_the_weights_names_the_tensors(tmp_path: Pa
         (lambda d: (d / "vit.json").unlink(), "vit.json is missing"),
         (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
         (lambda d: (d / "vit.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "vit.json").write_text("[]"), "must hold a JSON object"),
         (lambda d: (d / "vit.json").write_text('{"format_version": 99}'), "format version 99"),
         (
             lambda d: (d / "vit.json").write_text('{"format_version": 1, "config": {"depht": 1}}'),
