@@ -1,7 +1,7 @@
 """Demo transfer: the Fashion-MNIST demo checkpoint fine-tuned on mnist-5k, digits and tuxpaint.
 
 Command:   .venv/bin/python -m jobs.tune --config configs/finetune_demo.py
-               --set checkpoint=runs/train/pretrain-demo/<checkpoint_dir>/model
+           (after `jobs.pretrain --config configs/pretrain_demo.py`: its latest checkpoint)
 Baseline:  add --scratch (same search and budget, random initial weights)
 Expected:  a few minutes per dataset on 2 CPU cores; see docs/results.md for measured accuracy.
 
@@ -17,7 +17,7 @@ from pipelines.ingest import IngestConfig
 
 def get_config(smoke: bool = False) -> FinetuneConfig:
     return FinetuneConfig(
-        checkpoint="runs/train/pretrain-demo/latest/model",
+        checkpoint="runs/train/pretrain-demo",  # a run folder means its latest checkpoint
         datasets=("mnist-5k", "digits", "tuxpaint"),
         learning_rates=(0.01, 0.03) if smoke else (0.001, 0.003, 0.01, 0.03),
         steps=20 if smoke else 40,

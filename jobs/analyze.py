@@ -1,6 +1,6 @@
 """Attention rollout, attention distance, position similarity and embedding filters of a checkpoint.
 
-    python -m jobs.analyze --checkpoint runs/train/pretrain-demo/latest --dataset fashion-mnist
+    python -m jobs.analyze --checkpoint runs/train/pretrain-demo --dataset fashion-mnist
     ray job submit --working-dir . -- python -m jobs.analyze --checkpoint DIR --dataset NAME
 
 Writes the four figures of the paper's Fig. 6 and Fig. 7 as PNGs under ``--out`` and logs them to

@@ -1,6 +1,6 @@
 """Fine-tune a pretrained checkpoint on downstream datasets with Ray Tune.
 
-    python -m jobs.tune --config configs/finetune_demo.py --set checkpoint=runs/.../model
+    python -m jobs.tune --config configs/finetune_demo.py --set checkpoint=CKPT
     python -m jobs.tune --config configs/finetune_demo.py --scratch   # the from-scratch baseline
 
 Prints a results table per dataset (dev and test accuracy, chosen learning rate, trials run,

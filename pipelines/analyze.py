@@ -18,8 +18,8 @@ import torch
 
 from pipelines import figures, tracking
 from pipelines.datasets import read_dataset
-from pipelines.fewshot import resolve_checkpoint
 from pipelines.ingest import image_to_tokens
+from pipelines.training import resolve_checkpoint
 from vit import analysis
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig

@@ -14,7 +14,6 @@ import os
 import time
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,22 +27,12 @@ from mlflow.entities import Metric
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
 from pipelines.ingest import IngestConfig, start_error_tracker, to_tokens
+from pipelines.training import resolve_checkpoint
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 from vit.evaluate import DEFAULT_L2_GRID, DEFAULT_SHOTS, extract_features, fewshot_evaluate
 
 STAGE = "fewshot"
-
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A ``vit.checkpoint`` directory, or a Ray Train checkpoint holding one under ``model/``
-    (what ``pipelines.pretrain`` writes). Local paths only."""
-    directory = Path(path)
-    if not (directory / vit_checkpoint.METADATA_FILE).is_file():
-        nested = directory / "model"
-        if (nested / vit_checkpoint.METADATA_FILE).is_file():
-            return nested
-    return directory
 
 
 def metric_name(shots: int, std: bool = False) -> str:

@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
 from pipelines.ingest import IngestConfig, to_tokens
-from pipelines.training import warmup_then_decay
+from pipelines.training import resolve_checkpoint, warmup_then_decay
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
@@ -89,7 +89,7 @@ class DatasetOutcome:
 def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[DatasetOutcome]:
     """Run the sweep dataset by dataset; returns one outcome per dataset."""
     # Trials run in their own working directories: a relative path would not be found there.
-    config = replace(config, checkpoint=str(Path(config.checkpoint).resolve()))
+    config = replace(config, checkpoint=str(resolve_checkpoint(config.checkpoint).resolve()))
     _, meta = vit_checkpoint.load(config.checkpoint)
     uri = tracking.tracking_uri()
     kind = "scratch" if config.from_scratch else "finetune"
@@ -165,7 +165,7 @@ def _tune_dataset(
     )
     # tune.with_parameters stores these in the object store once for all the dataset's trials.
     data = {
-        split: _tokens(dataset, split, model_config, config.ingest) for split in ("train", "dev")
+        split: _tokens(dataset, split, model_config, config.ingest) for split in SELECTION_SPLITS
     }
     trainable = tune.with_parameters(
         tune.with_resources(_trial, {"CPU": config.cpus_per_trial}),

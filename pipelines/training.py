@@ -9,15 +9,32 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from vit.checkpoint import METADATA_FILE
 from vit.model import VisionTransformer
 
 Decay = Literal["cosine", "linear"]
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The `vit.checkpoint` directory behind what a user points at: the directory itself, a
+    Ray Train checkpoint holding one under `model/`, or a Ray Train run folder (its latest
+    checkpoint; their names are timestamps). Local paths only; anything else comes back as
+    given, for the loader to reject with its own message."""
+    directory = Path(path)
+    if (directory / METADATA_FILE).is_file():
+        return directory
+    if (directory / "model" / METADATA_FILE).is_file():
+        return directory / "model"
+    checkpoints = sorted(directory.glob(f"checkpoint_*/model/{METADATA_FILE}"))
+    return checkpoints[-1].parent if checkpoints else directory
 
 
 def parameter_groups(model: VisionTransformer, weight_decay: float) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,7 +12,8 @@ import torch
 from jobs import fewshot as fewshot_job
 from pipelines import tracking
 from pipelines.datasets import DIGIT_CLASSES, describe
-from pipelines.fewshot import _keep_by_key_hash, resolve_checkpoint, run_fewshot
+from pipelines.fewshot import _keep_by_key_hash, run_fewshot
+from pipelines.training import resolve_checkpoint
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 
@@ -85,6 +87,10 @@ def test_row_cap_featurises_a_key_hash_subset(
 
 def test_checkpoint_resolution_and_key_hash_filter(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert resolve_checkpoint(tiny_checkpoint.parent) == tiny_checkpoint
+    run = tmp_path / "run"  # a Ray Train run folder: its latest checkpoint
+    for stamp in ("2026-11-26_22-29-42.821908", "2026-11-26_22-27-18.970936"):
+        shutil.copytree(tiny_checkpoint, run / f"checkpoint_{stamp}" / "model")
+    assert resolve_checkpoint(run) == run / "checkpoint_2026-11-26_22-29-42.821908" / "model"
     assert resolve_checkpoint(tiny_checkpoint) == tiny_checkpoint
     assert resolve_checkpoint(tmp_path / "absent") == tmp_path / "absent"
     keys = [f"digits/{i:04d}" for i in range(2000)]
