@@ -12,6 +12,7 @@ samples seen). Ray Train restarts the worker group from the latest one after a f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from ray.data import RandomSeedConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
@@ -171,10 +173,18 @@ def _storage(config: PretrainConfig, filesystem: Any) -> tuple[pafs.FileSystem, 
 
 
 def has_checkpoints(config: PretrainConfig, storage_filesystem: Any = None) -> bool:
-    """Whether a run of this name already saved checkpoints (a rerun would resume it)."""
+    """Whether Ray Train holds a checkpoint of this run name: a rerun of it resumes from there.
+
+    A checkpoint folder alone does not count. Ray registers a checkpoint when its controller takes
+    in the report, some moments after the folder is written, and resumes only from registered
+    ones: those in the run's snapshot file.
+    """
     fs, root = _storage(config, storage_filesystem)
-    selector = pafs.FileSelector(f"{root}/{config.run_name}", allow_not_found=True)
-    return any(info.base_name.startswith("checkpoint_") for info in fs.get_file_info(selector))
+    path = f"{root}/{config.run_name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    with fs.open_input_stream(path) as stream:
+        return json.load(stream).get("latest_checkpoint_result") is not None
 
 
 def _find_or_start_run(config: PretrainConfig, uri: str, parent_run_id: str | None) -> str:
@@ -252,6 +262,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         run_id, uri = loop_config["run_id"], loop_config["tracking_uri"]
         metrics_log = tracking.MetricLog(run_id, uri, "train/loss")
         dev_log = tracking.MetricLog(run_id, uri, "dev/accuracy")
+        if saved:  # each recovery is on record: the step its checkpoint held
+            step = state["step"]
+            tracking.client(uri).log_metric(run_id, "train/resumed_at_step", step, step=step)
         print(
             f"[pretrain] {world} worker(s) on {device}, global batch {config.global_batch_size}"
             f" = {world} workers x {accumulation} accumulation x {micro}, "

@@ -96,13 +96,21 @@ def wait_for_checkpoint(config: PretrainConfig, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def train_worker_pids() -> list[int]:
-    """Ray titles its actor processes `ray::RayTrainWorker...`; find them through /proc."""
+def train_worker_pids(cluster: Cluster) -> list[int]:
+    """This cluster's training workers: processes titled `ray::RayTrainWorker...` (Ray names
+    its actor processes) whose parent is one of the cluster's raylets."""
+    raylets = {
+        str(info.process.pid)
+        for node in cluster.list_all_nodes()
+        for info in node.all_processes.get("raylet", [])
+    }
     pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"RayTrainWorker" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
+            status = (proc / "status").read_text()
+            parent = next(line.split()[1] for line in status.splitlines() if line[:5] == "PPid:")
+            if parent in raylets and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
         except OSError:  # the process ended while we looked
             continue
     return pids
@@ -135,7 +143,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
     config = tiny_config(tmp_path, "killed", steps=60)
     thread, outcome = run_in_background(config)
     wait_for_checkpoint(config)
-    victims = train_worker_pids()
+    victims = train_worker_pids(cluster)
     assert victims, "no training worker process found"
     os.kill(victims[0], signal.SIGKILL)
     thread.join(timeout=600)
@@ -144,6 +152,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
     assert result.metrics["step"] == 60
     steps = logged_steps(result.run_id)
     assert steps == list(range(5, 61, 5)), steps  # one run, continuous, nothing logged twice
+    resumed = tracking.client().get_metric_history(result.run_id, "train/resumed_at_step")
+    assert len(resumed) == 1 and 0 < resumed[0].value < 60  # it did restart, from a checkpoint
 
 
 def test_an_elastic_run_finishes_on_the_worker_left_when_a_node_goes(
@@ -159,6 +169,8 @@ def test_an_elastic_run_finishes_on_the_worker_left_when_a_node_goes(
     result = outcome["result"]
     assert result.metrics["step"] == 60
     assert result.metrics["world_size"] == 1
+    resumed = tracking.client().get_metric_history(result.run_id, "train/resumed_at_step")
+    assert len(resumed) == 1 and 0 < resumed[0].value < 60  # went on from its checkpoint
     cluster.add_node(num_cpus=1, resources={"trainer": 1}, object_store_memory=150 * 2**20)
 
 
