@@ -18,7 +18,7 @@ import torch
 
 from pipelines import figures, tracking
 from pipelines.datasets import read_dataset
-from pipelines.ingest import image_to_tokens
+from pipelines.ingest import BadImageError, image_to_tokens
 from pipelines.training import resolve_checkpoint
 from vit import analysis
 from vit import checkpoint as vit_checkpoint
@@ -29,12 +29,19 @@ STAGE = "analyze"
 
 
 def sample_tokens(dataset: str, config: ViTConfig, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` test images as model tokens (count, N, D) and labels."""
-    rows = read_dataset(dataset, "test").take(count)
-    if not rows:
-        raise ValueError(f"{dataset} has no test images to analyse")
-    tokens = np.stack([image_to_tokens(row["image"], config) for row in rows])
-    return tokens, np.array([row["label"] for row in rows])
+    """The first `count` readable test images as model tokens (count, N, D) and labels."""
+    tokens, labels = [], []
+    for row in read_dataset(dataset, "test").iter_rows():
+        try:
+            tokens.append(image_to_tokens(row["image"], config))
+        except BadImageError:
+            continue  # the figures need a few readable images, not every one
+        labels.append(row["label"])
+        if len(tokens) == count:
+            break
+    if not tokens:
+        raise ValueError(f"{dataset} has no readable test images to analyse")
+    return np.stack(tokens), np.array(labels)
 
 
 def tokens_to_images(tokens: np.ndarray, config: ViTConfig) -> np.ndarray:

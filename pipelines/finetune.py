@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import tune
+from ray.actor import ActorHandle
 from ray.tune.schedulers import ASHAScheduler
 
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
-from pipelines.ingest import IngestConfig, to_tokens
+from pipelines.ingest import IngestConfig, start_error_tracker, to_tokens
 from pipelines.training import resolve_checkpoint, warmup_then_decay
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
@@ -132,12 +134,12 @@ def _model_config(pretrained: ViTConfig, config: FinetuneConfig, num_classes: in
     return pretrained.replace(num_classes=num_classes, representation_size=None, image_size=size)
 
 
-def _tokens(dataset: str, split: str, model: ViTConfig, ingest: IngestConfig) -> dict[str, Any]:
-    batches = list(
-        to_tokens(read_dataset(dataset, split), model, ingest=ingest).iter_batches(
-            batch_size=None, batch_format="numpy"
-        )
-    )
+def _tokens(
+    dataset: str, split: str, model: ViTConfig, ingest: IngestConfig, tracker: ActorHandle
+) -> dict[str, Any]:
+    """One split as arrays; unreadable images skipped, counted by `tracker`."""
+    rows = to_tokens(read_dataset(dataset, split), model, ingest=ingest, tracker=tracker)
+    batches = list(rows.iter_batches(batch_size=None, batch_format="numpy"))
     return {
         "tokens": np.concatenate([b["tokens"] for b in batches]),
         "label": np.concatenate([b["label"] for b in batches]),
@@ -163,9 +165,11 @@ def _tune_dataset(
         tags={"vitray_stage": kind, "vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
         uri=uri,
     )
+    tracker = start_error_tracker()
     # tune.with_parameters stores these in the object store once for all the dataset's trials.
     data = {
-        split: _tokens(dataset, split, model_config, config.ingest) for split in SELECTION_SPLITS
+        split: _tokens(dataset, split, model_config, config.ingest, tracker)
+        for split in SELECTION_SPLITS
     }
     trainable = tune.with_parameters(
         tune.with_resources(_trial, {"CPU": config.cpus_per_trial}),
@@ -209,12 +213,15 @@ def _tune_dataset(
     stopped = sum(1 for r in finished if r.metrics.get("step", 0) < config.steps)
     with best.checkpoint.as_directory() as directory:
         model, _ = vit_checkpoint.load(Path(directory))
-        test = _tokens(dataset, "test", model.config, config.ingest)
+        test = _tokens(dataset, "test", model.config, config.ingest, tracker)
         predictions = _predict(model, test)
         test_accuracy = float(np.mean(predictions == test["label"]))
         mlflow = tracking.client(uri)
         mlflow.log_artifacts(dataset_run, directory, "checkpoint")
     _log_test_figures(mlflow, dataset_run, model.config, test, predictions, info.class_names)
+    errors = ray.get(tracker.summary.remote())
+    if errors["samples"]:
+        mlflow.log_dict(dataset_run, {"bad_images": errors["samples"]}, "data_errors.json")
     learning_rate = float(best.config["learning_rate"])
     for key, value in {
         "dev/accuracy": float(best.metrics["dev_accuracy"]),
@@ -222,6 +229,7 @@ def _tune_dataset(
         "trials": len(grid),
         "trials_stopped_early": stopped,
         "trials_failed": len(failed),
+        "data/bad_images": errors["bad"],
     }.items():
         mlflow.log_metric(dataset_run, key, value)
     mlflow.log_param(dataset_run, "best_learning_rate", learning_rate)

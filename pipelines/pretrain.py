@@ -112,7 +112,9 @@ def run(
         ingest=config.ingest,
         tracker=tracker,
     )
-    dev = to_tokens(read_dataset(config.dataset, "dev"), model_config, ingest=config.ingest)
+    dev = to_tokens(
+        read_dataset(config.dataset, "dev"), model_config, ingest=config.ingest, tracker=tracker
+    )
     uri = tracking.tracking_uri()
     run_id = _find_or_start_run(config, uri, parent_run_id)
     loop_config = {

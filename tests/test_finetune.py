@@ -60,6 +60,7 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
         history = mlflow.get_metric_history(outcome.run_id, "test/accuracy")
         assert len(history) == 1  # the test split is touched exactly once
         assert history[0].value == outcome.test_accuracy
+        assert mlflow.get_run(outcome.run_id).data.metrics["data/bad_images"] == 0
         champion = mlflow.get_model_version_by_alias(f"vit-{outcome.dataset}", "champion")
         assert champion.version == outcome.model_version
         assert champion.run_id == outcome.run_id
