@@ -101,6 +101,18 @@ def keyed_pretrain(config: PretrainConfig) -> tuple[str, PretrainConfig]:
     return key, dataclasses.replace(config, run_name=f"{config.run_name}-{key[:8]}")
 
 
+def local_checkpoint(pretrained: dict[str, Any], config: PretrainConfig, target: Path) -> str:
+    """The pretrained model as a local folder, which the later stages read.
+
+    With `s3://` storage Ray Train's checkpoint path is a key in the bucket; the same files are
+    the pretraining run's `checkpoint` artifact in MLflow, downloaded here.
+    """
+    if "://" not in config.storage_path:
+        return str(Path(pretrained["checkpoint_path"]) / "model")
+    target.mkdir(parents=True, exist_ok=True)
+    return tracking.client().download_artifacts(pretrained["run_id"], "checkpoint", str(target))
+
+
 def run(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the summary."""
     cache = StageCache(Path(config.state_dir) / config.name / "state.json")
@@ -134,7 +146,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         lambda: pretrain.run(pretrain_config, parent_run_id=parent),
     )
     adopt(pretrained["run_id"])
-    checkpoint = str(Path(pretrained["checkpoint_path"]) / "model")
+    checkpoint = local_checkpoint(pretrained, pretrain_config, cache.path.parent / "pretrained")
     analysed = cache.run(
         "analyze",
         {"checkpoint": checkpoint, "dataset": prepared_dir},

@@ -26,10 +26,14 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from mlflow.tracking import MlflowClient
 
 from jobs.common import HIGH_THROUGHPUT_ENV, load_config
-from pipelines.pipeline import keyed_pretrain
+from pipelines import tracking
+from pipelines.pipeline import keyed_pretrain, local_checkpoint
+from vit import VisionTransformer, ViTConfig
+from vit import checkpoint as vit_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -223,3 +227,24 @@ def test_a_changed_pretraining_config_starts_a_new_ray_train_run() -> None:
     changed_key, changed = keyed_pretrain(dataclasses.replace(demo, learning_rate=3e-4))
     assert changed_key != key
     assert changed.run_name != named.run_name
+
+
+def test_a_checkpoint_in_object_storage_reaches_later_stages_as_a_local_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    small = ViTConfig(image_size=8, patch_size=4, width=16, depth=1, mlp_dim=32, num_heads=2)
+    model = VisionTransformer(small)
+    saved = vit_checkpoint.save(model, tmp_path / "saved")
+    run_id = tracking.start_run("pretrain")
+    tracking.client().log_artifacts(run_id, str(saved), "checkpoint")
+    demo = load_config(str(ROOT / "configs/pretrain_demo.py"), smoke=True, overrides=[])
+    pretrained = {"run_id": run_id, "checkpoint_path": "bucket/train/run/checkpoint_x"}
+    remote = dataclasses.replace(demo, storage_path="s3://bucket/train")
+    folder = local_checkpoint(pretrained, remote, tmp_path / "pretrained")
+    loaded, _ = vit_checkpoint.load(folder)
+    assert Path(folder).is_relative_to(tmp_path / "pretrained")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+    local = local_checkpoint(pretrained, demo, tmp_path / "unused")
+    assert local == "bucket/train/run/checkpoint_x/model"
