@@ -93,6 +93,17 @@ def key_units(keys: Iterable[str]) -> np.ndarray:
     return np.array(ints, dtype=np.uint64).astype(np.float64) / 2.0**64
 
 
+def split_names(values: Iterable[str | None], where: str) -> list[str]:
+    """Declared split values as vitray's names ("validation" -> "dev"), or a clear error."""
+    names = []
+    for value in values:
+        name = SPLIT_ALIASES.get(value.lower()) if isinstance(value, str) else None
+        if name is None:
+            raise ValueError(f"{where}: split {value!r} is not one of {sorted(SPLIT_ALIASES)}")
+        names.append(name)
+    return names
+
+
 def assign_splits(
     keys: Sequence[str],
     declared: Sequence[str],
@@ -479,9 +490,24 @@ class ParquetSource:
                 ],
                 "label_index": index,
                 "fractions": fractions,
+                "missing": frozenset({"dev", "test"}) - self.declared_splits(),
                 "keep": split,
             },
         )
+
+    def declared_splits(self) -> frozenset[str]:
+        """The splits the ``split`` column names (none without one): from the manifest's counts
+        where it has them, else read from that column alone."""
+        if "split" not in self.schema.names:
+            return frozenset()
+        if "counts" in self.manifest:
+            return frozenset(self.manifest["counts"])
+        values: set[str | None] = set()
+        for rel, _ in self.files:
+            with self.fs.open_input_file(f"{self.root}/{rel}") as f:
+                column = pq.read_table(f, columns=["split"]).column(0)
+            values.update(pc.unique(column).to_pylist())
+        return frozenset(split_names(values, self.name))
 
 
 def _image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -497,12 +523,14 @@ def _parquet_rows(
     columns: list[str],
     label_index: Mapping[str, int] | None,
     fractions: SplitFractions,
+    missing: frozenset[str],
     keep: str | None,
 ) -> Iterator[pa.Table]:
     """Ray Data map: Parquet file paths -> rows, one record batch at a time.
 
-    Keyless rows are keyed ``<file>#<row index>``; a split column is trusted (aliases such as
-    "validation" mapped), else splits are hashed from the keys.
+    Keyless rows are keyed ``<file>#<row index>``. A split column is trusted (aliases such as
+    "validation" mapped); the splits it lacks (``missing``) are hashed out of its train rows,
+    as every split is when there is no such column.
     """
     for rel in batch["path"].to_pylist():
         offset = 0
@@ -517,9 +545,8 @@ def _parquet_rows(
                 if label_index is not None:
                     labels = [label_index[v] for v in labels]
                 if "split" in columns:
-                    declared = [SPLIT_ALIASES[s.lower()] for s in rb.column("split").to_pylist()]
-                    splits = np.array(declared, dtype=str)
+                    declared = split_names(rb.column("split").to_pylist(), f"{root}/{rel}")
                 else:
                     declared = ["train"] * rb.num_rows
-                    splits = assign_splits(keys, declared, frozenset({"dev", "test"}), fractions)
+                splits = assign_splits(keys, declared, missing, fractions)
                 yield _rows(keys, _image_bytes(rb.column("image")), labels, splits, keep)

@@ -174,6 +174,31 @@ def test_keyless_hugging_face_parquet(tmp_path: Path) -> None:
     assert set(rows(read_dataset(source, "dev"))) == {"data.parquet#8", "data.parquet#9"}
 
 
+def test_parquet_without_a_dev_split_gets_one_from_its_train_rows(tmp_path: Path) -> None:
+    """Hugging Face sets often declare train and test only; dev is carved from train."""
+    table = pa.table(
+        {
+            "image": [bytes([i % 256]) for i in range(400)],
+            "label": [i % 2 for i in range(400)],
+            "split": ["train"] * 300 + ["test"] * 100,
+        }
+    )
+    pq.write_table(table, tmp_path / "data.parquet")
+    data = rows(read_dataset(str(tmp_path / "data.parquet")))
+    splits = {key: split for key, (_, _, split) in data.items()}
+    declared_test = {f"data.parquet#{i}" for i in range(300, 400)}
+    assert {k for k, s in splits.items() if s == "test"} == declared_test
+    dev = {k for k, s in splits.items() if s == "dev"}
+    assert 15 < len(dev) < 45 and not dev & declared_test  # about a tenth of train
+
+
+def test_unknown_split_values_are_named_in_the_error(tmp_path: Path) -> None:
+    table = pa.table({"image": [b"x", b"y"], "label": [0, 1], "split": ["train", "holdout"]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    with pytest.raises(ValueError, match="split 'holdout' is not one of"):
+        read_dataset(str(tmp_path / "data.parquet"))
+
+
 def test_string_labels_without_manifest_become_sorted_class_names(tmp_path: Path) -> None:
     pq.write_table(
         pa.table(
