@@ -1,4 +1,4 @@
-"""Pretraining on Ray Train: DDP (or FSDP) over streaming patch tokens, checkpoints, resume.
+"""Pretraining on Ray Train: DDP over streaming patch tokens, checkpoints, resume.
 
 The same `run()` trains on a 2-core laptop (gloo, fp32) and on a GPU cluster (NCCL, bf16). The
 global batch size is fixed by the config whatever the number of workers: gradient accumulation
@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray
@@ -75,7 +75,6 @@ class PretrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     extra_resources_per_worker: dict[str, float] = field(default_factory=dict)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
     storage_path: str = "runs/train"  # local folder or s3:// URI shared by all nodes
     run_name: str = "pretrain"
     max_failures: int = 3
@@ -255,8 +254,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
-    parallel = "fsdp" if config.strategy == "fsdp" else "ddp"
-    model = ray.train.torch.prepare_model(model, parallel_strategy=parallel)
+    model = ray.train.torch.prepare_model(model)  # DDP
     _move_optimizer_state(optimizer, device)
 
     metrics_log = dev_log = None

@@ -74,7 +74,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def unwrap(model: nn.Module) -> VisionTransformer:
-    """The bare model inside a DDP/FSDP wrapper."""
+    """The bare model inside a DDP wrapper."""
     return model.module if hasattr(model, "module") else model
 
 
