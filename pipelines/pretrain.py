@@ -322,6 +322,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         save = step % config.checkpoint_every == 0 or step == config.steps
         if not (evaluate or save):
             continue
+        pause_start = time.perf_counter()
         metrics: dict[str, float] = {
             "step": step,
             "train/loss": float(total_loss),
@@ -337,6 +338,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             _report_with_checkpoint(metrics, model, optimizer, scheduler, state, loop_config, rank)
         else:
             ray.train.report(metrics)
+        window_start += time.perf_counter() - pause_start  # images/s: training time only
 
 
 def _endless_batches(shard: Any, micro: int, device: torch.device) -> Any:
