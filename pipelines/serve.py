@@ -310,7 +310,7 @@ class ViTService:
             # Parsed from the body read under the size limit: Starlette's own parser would spool
             # a chunked upload (no Content-Length to check) to disk without any limit.
             replay = self._replay(request, await self._body(request))
-            form = await replay.form(max_files=self.config.max_batch_images)
+            form = await replay.form()
             images = [await f.read() for key, f in form.multi_items() if hasattr(f, "read")]
             options.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
             if not images:
@@ -357,8 +357,9 @@ class ViTService:
         value = options.get(name, default)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
         raise _error(422, f"{name} must be an integer, got {value!r}")
 
     @staticmethod

@@ -145,6 +145,20 @@ def test_json_base64_and_batch_requests(endpoint: tuple[str, Path]) -> None:
     batch = post(f"{url}/v1/predict/batch", json={"images": encoded, "model": "vit-digits"}).json()
     assert len(batch["results"]) == 3
     assert batch["model"]["name"] == "vit-digits"
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    tiny, count = (
+        buffer.getvalue(),
+        SERVE_CONFIG.max_batch_images + 1,
+    )  # small: under the body limit
+    files = [("file", (f"{i}.png", tiny)) for i in range(count)]
+    for kwargs in (
+        dict(json={"images": [base64.b64encode(tiny).decode()] * count}),
+        dict(files=files),
+    ):
+        response = post(f"{url}/v1/predict/batch", **kwargs)
+        assert response.status_code == 413, response.text
+        assert "exceed the limit" in response.json()["detail"]
 
 
 def test_concurrent_requests_are_batched(endpoint: tuple[str, Path]) -> None:
@@ -225,6 +239,10 @@ def hostile_requests() -> dict[str, tuple[dict, int]]:
         "model not a string": (dict(json={"image": encoded, "model": ["vit-tux"]}), 422),
         "top_k a fraction": (dict(json={"image": encoded, "top_k": 2.5}), 422),
         "top_k a boolean": (dict(json={"image": encoded, "top_k": True}), 422),
+        "top_k not a number": (
+            dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": "+-5"}),
+            422,
+        ),
         "attention not a boolean": (
             dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"attention": "maybe"}),
             422,
