@@ -205,6 +205,7 @@ def _tune_dataset(
         ),
     )
     grid = tuner.fit()
+    _close_stopped_trials(tracking.client(uri), dataset_run)
     failed = [r for r in grid if r.error is not None]
     finished = [r for r in grid if r.error is None and r.metrics]
     if not finished:
@@ -261,6 +262,18 @@ def _tune_dataset(
         failed=len(failed),
         seconds=time.perf_counter() - start,
     )
+
+
+def _close_stopped_trials(mlflow: Any, dataset_run: str) -> None:
+    """Close the MLflow runs of the trials the scheduler stopped early, as KILLED.
+
+    Tune ends such a trial inside `tune.report`, so the trial's own code never runs again; the
+    trials that finished or failed have closed their runs themselves.
+    """
+    experiment = mlflow.get_run(dataset_run).info.experiment_id
+    still_open = f"tags.mlflow.parentRunId = '{dataset_run}' and attributes.status = 'RUNNING'"
+    for run in mlflow.search_runs([experiment], filter_string=still_open):
+        mlflow.set_terminated(run.info.run_id, "KILLED")
 
 
 @torch.no_grad()
@@ -335,9 +348,8 @@ def _trial(
         step = saved["step"]
     trial_name = tune.get_context().get_trial_name()
     mlflow = tracking.client(uri)
-    if saved:
-        run_id = saved["run_id"]
-    else:
+    run_id = saved.get("run_id") if saved else None
+    if run_id is None:
         run_id = tracking.start_run(
             trial_name,
             experiment=config.experiment,
@@ -350,7 +362,6 @@ def _trial(
     count = len(train["label"])
     batch = min(config.batch_size, count)
     model.train()
-    status = "FAILED"
     try:
         while step < config.steps:
             index = rng.choice(count, size=batch, replace=False)
@@ -393,13 +404,12 @@ def _trial(
                     },
                     Path(directory) / "trial_state.pt",
                 )
+                if step == config.steps:  # before the last report: Tune may end the trial in it
+                    mlflow.set_terminated(run_id)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-        status = "FINISHED"
-    except SystemExit:  # how Tune ends a trial it stops, inside tune.report
-        status = "FINISHED" if step >= config.steps else "KILLED"  # KILLED: stopped early
+    except Exception:
+        mlflow.set_terminated(run_id, "FAILED")
         raise
-    finally:
-        mlflow.set_terminated(run_id, status)
 
 
 def _initial_model(config: FinetuneConfig, model_config: ViTConfig) -> VisionTransformer:
