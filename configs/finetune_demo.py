@@ -17,7 +17,8 @@ from pipelines.ingest import IngestConfig
 
 def get_config(smoke: bool = False) -> FinetuneConfig:
     return FinetuneConfig(
-        checkpoint="runs/train/pretrain-demo",  # a run folder means its latest checkpoint
+        # A pretraining run's folder stands for its latest checkpoint.
+        checkpoint="runs/train/pretrain-demo-smoke" if smoke else "runs/train/pretrain-demo",
         datasets=("mnist-5k", "digits", "tuxpaint"),
         learning_rates=(0.01, 0.03) if smoke else (0.001, 0.003, 0.01, 0.03),
         steps=20 if smoke else 40,
