@@ -146,7 +146,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         lambda: pretrain.run(pretrain_config, parent_run_id=parent),
     )
     adopt(pretrained["run_id"])
-    checkpoint = local_checkpoint(pretrained, pretrain_config, cache.path.parent / "pretrained")
+    downloads = cache.path.parent / "pretrained" / pretrained["run_id"]  # one folder per run
+    checkpoint = local_checkpoint(pretrained, pretrain_config, downloads)
     analysed = cache.run(
         "analyze",
         {"checkpoint": checkpoint, "dataset": prepared_dir},
