@@ -185,7 +185,11 @@ def has_checkpoints(config: PretrainConfig, storage_filesystem: Any = None) -> b
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return False
     with fs.open_input_stream(path) as stream:
-        return json.load(stream).get("latest_checkpoint_result") is not None
+        text = stream.read()
+    try:
+        return json.loads(text).get("latest_checkpoint_result") is not None
+    except json.JSONDecodeError:  # Ray is rewriting it (in place) as it registers a checkpoint
+        return True
 
 
 def _find_or_start_run(config: PretrainConfig, uri: str, parent_run_id: str | None) -> str:
