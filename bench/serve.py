@@ -265,7 +265,7 @@ def main() -> None:
             # Batched and unbatched runs of one round are seconds apart: their ratio is
             # the least touched by the VM's slow spells.
             paired = [
-                batched / unbatched
+                batched / unbatched if unbatched else float("inf")
                 for batched, unbatched in zip(
                     rows[f"batched/{clients}"]["rps_per_round"],
                     rows[f"unbatched/{clients}"]["rps_per_round"],
