@@ -205,7 +205,8 @@ def _tune_dataset(
         ),
     )
     grid = tuner.fit()
-    _close_stopped_trials(tracking.client(uri), dataset_run)
+    mlflow = tracking.client(uri)
+    _close_stopped_trials(mlflow, dataset_run)
     failed = [r for r in grid if r.error is not None]
     finished = [r for r in grid if r.error is None and r.metrics]
     if not finished:
@@ -217,7 +218,6 @@ def _tune_dataset(
         test = _tokens(dataset, "test", model.config, config.ingest, tracker)
         predictions = _predict(model, test)
         test_accuracy = float(np.mean(predictions == test["label"]))
-        mlflow = tracking.client(uri)
         mlflow.log_artifacts(dataset_run, directory, "checkpoint")
     _log_test_figures(mlflow, dataset_run, model.config, test, predictions, info.class_names)
     errors = ray.get(tracker.summary.remote())

@@ -267,8 +267,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         metrics_log = tracking.MetricLog(run_id, uri, "train/loss")
         dev_log = tracking.MetricLog(run_id, uri, "dev/accuracy")
         if saved:  # each recovery is on record: the step its checkpoint held
-            step = state["step"]
-            tracking.client(uri).log_metric(run_id, "train/resumed_at_step", step, step=step)
+            resumed = state["step"]
+            metrics_log.client.log_metric(run_id, "train/resumed_at_step", resumed, step=resumed)
         print(
             f"[pretrain] {world} worker(s) on {device}, global batch {config.global_batch_size}"
             f" = {world} workers x {accumulation} accumulation x {micro}, "

@@ -284,13 +284,12 @@ class ViTService:
         if not hmac.compare_digest(supplied.encode(), self.token.encode()):
             raise _error(401, "missing or wrong bearer token")
 
-    def _check_declared_size(self, request: Request) -> None:
+    async def _body(self, request: Request) -> bytes:
+        """The body, read under the size limit: refused on its declared length when it has one,
+        else as soon as the bytes read pass the limit (chunked uploads)."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
             raise _error(413, f"body of {declared} bytes exceeds {self.config.max_body_bytes}")
-
-    async def _body(self, request: Request) -> bytes:
-        self._check_declared_size(request)
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
