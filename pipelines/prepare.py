@@ -34,7 +34,7 @@ from pipelines.datasets import SplitFractions, describe, fingerprint, read_datas
 from pipelines.sources import MANIFEST_NAME, ROW_SCHEMA, SPLITS, read_manifest, resolve_uri
 
 FORMAT = "vitray-shards/1"
-TMP_DIR = "_tmp"  # underscore: Ray's readers and ours skip it
+TMP_DIR = "_tmp"  # underscore: hidden from every reader (see sources.is_hidden)
 SHARD_NAME = re.compile(r"^(train|dev|test)-\d{5}-[0-9a-f]{12}\.parquet$")
 
 

@@ -11,13 +11,16 @@ or any path together with an explicit ``pyarrow.fs.FileSystem``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 from PIL import Image
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 ROW_SCHEMA = pa.schema(
     [("key", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("split", pa.string())]
@@ -45,7 +50,7 @@ SPLIT_ALIASES = {
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 MANIFEST_NAME = "manifest.json"
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
-_HIDDEN_PREFIXES = (".", "_")  # Ray's file listing skips these too; keep both views identical
+_HIDDEN_PREFIXES = (".", "_")  # as Ray's and Hadoop's readers: .DS_Store, _SUCCESS, _tmp/
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pa
 
 
 def is_hidden(relative: str) -> bool:
-    """Files Ray's readers skip (``.DS_Store``, ``_SUCCESS``, our ``_tmp/``): skip them too."""
+    """Files no reader of a dataset should see (``.DS_Store``, ``_SUCCESS``, our ``_tmp/``)."""
     return relative.startswith(_HIDDEN_PREFIXES)
 
 
@@ -208,6 +213,41 @@ def _rows(
         schema=ROW_SCHEMA,
     )
     return table if keep is None else table.filter(pa.array(splits == keep))
+
+
+class _ReadUnits(Datasource):
+    """Independent units of a source (a block of listed files, a Parquet file): a read task each.
+
+    Why a datasource, not paths mapped to rows: Ray Data fuses consecutive maps and bundles the
+    first map's input rows up to the last map's batch size, so decoding in batches of 256 would
+    read 256 *paths* per task (every file of a mid-sized dataset in one task). A read is never
+    fused into a batching map, so the units keep their parallelism.
+    """
+
+    def __init__(self, name: str, read: Callable[[Any], Iterable[pa.Table]], units: list) -> None:
+        super().__init__()
+        self._name = name
+        self._read = read
+        self._units = units
+
+    def get_name(self) -> str:
+        return self._name
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        unknown = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [
+            ReadTask(functools.partial(self._read, unit), unknown, ROW_SCHEMA, per_task_row_limit)
+            for unit in self._units
+        ]
+
+    def dataset(self) -> ray.data.Dataset:
+        # One block per unit: Ray would otherwise split them to reach its default 200 blocks.
+        return ray.data.read_datasource(self, override_num_blocks=len(self._units))
 
 
 # ---------------------------------------------------------------------------- image folders
@@ -289,7 +329,7 @@ class FolderSource:
         return DatasetInfo(self.name, self.class_names, image_channels(samples))
 
     def _files(self, directory: str) -> list[tuple[str, int | None, int | None]]:
-        """(path below directory, size, mtime) of the image files Ray's reader will read."""
+        """(path below directory, size, mtime) of the image files ``read`` will read."""
         base = f"{self.root}/{directory}"
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
         out = []
@@ -304,15 +344,36 @@ class FolderSource:
                 out.append((rel, i.size, i.mtime_ns))
         return sorted(out)
 
-    def split_sizes(self, fractions: SplitFractions) -> dict[str, int]:
-        """Rows per split from a listing of the tree (paths only), as ``read`` would assign them."""
-        keys, declared = [], []
-        for d, _, s in self.dirs:
+    def listing(self, fractions: SplitFractions, split: str | None = None) -> pa.Table:
+        """The image files of ``split`` (all when None) as rows without their bytes: key, path
+        below root, label, split.
+
+        Built on the driver from a listing of the folders that can hold ``split`` (paths only),
+        so splits and labels are known before any image is read.
+        """
+        keys, paths, labels, declared = [], [], [], []
+        for d, label, s in self.dirs:
+            if split is not None and s != split and not (s == "train" and split in self.missing):
+                continue
             for rel, _, _ in self._files(d):
                 keys.append(f"{self.key_prefix}{d}/{rel}")
+                paths.append(f"{d}/{rel}")
+                labels.append(label)
                 declared.append(s)
-        splits = assign_splits(keys, declared, self.missing, fractions)
-        return {s: int((splits == s).sum()) for s in SPLITS}
+        rows = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "path": pa.array(paths, pa.string()),
+                "label": pa.array(labels, pa.int64()),
+                "split": pa.array(assign_splits(keys, declared, self.missing, fractions)),
+            }
+        )
+        return rows if split is None else rows.filter(pc.equal(rows["split"], split))
+
+    def split_sizes(self, fractions: SplitFractions) -> dict[str, int]:
+        """Rows per split, as ``read`` would yield them."""
+        splits = self.listing(fractions)["split"]
+        return {s: pc.sum(pc.equal(splits, s)).as_py() or 0 for s in SPLITS}
 
     def fingerprint(self) -> str:
         """Digest of every file's path, size and mtime: changes whenever the tree does."""
@@ -323,68 +384,53 @@ class FolderSource:
         )
 
     def read(self, split: str | None, fractions: SplitFractions) -> ray.data.Dataset:
-        """Stream the files with ``read_binary_files``; only folders that can hold ``split`` are
-        listed and read, and nothing but paths passes through the driver."""
-        dirs = [
-            d
-            for d in self.dirs
-            if split is None or d[2] == split or (d[2] == "train" and split in self.missing)
-        ]
-        if not dirs:
+        """Ray tasks read the files of ``split`` alone, in blocks of ``_files_per_block`` files.
+
+        Only paths pass through the driver. Files assigned to other splits are never opened,
+        not even those sharing a folder with the wanted ones (dev rows carved from train).
+        (``ray.data.read_binary_files`` read every file of the folders that could hold the
+        split, and cost seconds of planning per pass.)
+        """
+        rows = self.listing(fractions, split)
+        if rows.num_rows == 0:
             return empty_rows()
-        ds = ray.data.read_binary_files(
-            [f"{self.root}/{d}" for d, _, _ in dirs],
-            include_paths=True,
-            filesystem=self.fs,
-            file_extensions=list(self.extensions),
-        )
-        return ds.map_batches(
-            _folder_rows,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "root": self.root,
-                "dirs": {d: (label, s) for d, label, s in dirs},
-                "depth": self.dirs[0][0].count("/") + 1,
-                "missing": self.missing,
-                "fractions": fractions,
-                "key_prefix": self.key_prefix,
-                "exclude_suffixes": self.exclude_suffixes,
-                "keep": split,
-            },
-        )
+        size = _files_per_block(rows.num_rows)
+        blocks = [rows.slice(start, size) for start in range(0, rows.num_rows, size)]
+        read = functools.partial(_read_files, fs=self.fs, root=self.root)
+        return _ReadUnits("Folder", read, blocks).dataset()
 
 
-def _folder_rows(
-    batch: pa.Table,
-    *,
-    root: str,
-    dirs: Mapping[str, tuple[int, str]],
-    depth: int,
-    missing: frozenset[str],
-    fractions: SplitFractions,
-    key_prefix: str,
-    exclude_suffixes: tuple[str, ...],
-    keep: str | None,
-) -> pa.Table:
-    """Ray Data map: (bytes, path) -> rows; label and declared split come from the path."""
-    rel = [p[len(root) + 1 :] if p.startswith(root + "/") else p for p in batch["path"].to_pylist()]
-    unknown = [r for r in rel if "/".join(r.split("/")[:depth]) not in dirs]
-    if unknown:
-        raise ValueError(f"paths outside the class folders of {root}: {unknown[:3]}")
-    if not rel:
-        return ROW_SCHEMA.empty_table()
-    label, declared = zip(*(dirs["/".join(r.split("/")[:depth])] for r in rel), strict=True)
-    keys = [key_prefix + r for r in rel]
-    table = _rows(
-        keys, batch["bytes"], label, assign_splits(keys, declared, missing, fractions), keep
+def _files_per_block(files: int) -> int:
+    """Few large blocks: each Ray task costs milliseconds to schedule, more than reading and
+    decoding a few images. But four blocks per CPU of the cluster where there are files enough
+    (64 a block), so every worker gets some."""
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
+    return min(512, max(64, math.ceil(files / (4 * cpus))))
+
+
+def _read_files(batch: pa.Table, *, fs: pafs.FileSystem, root: str) -> Iterator[pa.Table]:
+    """Listed files -> rows with their bytes.
+
+    A file that cannot be read (gone since the listing, no permission) gets empty bytes, so the
+    decoder skips and counts it like any other bad image instead of the whole read failing.
+    """
+    blobs = []
+    for path in batch["path"].to_pylist():
+        try:
+            with fs.open_input_stream(f"{root}/{path}") as f:
+                blobs.append(f.read())
+        except OSError:
+            blobs.append(b"")
+    yield pa.table(
+        {
+            "key": batch["key"],
+            "image": pa.array(blobs, pa.binary()),
+            "label": batch["label"],
+            "split": batch["split"],
+        },
+        schema=ROW_SCHEMA,
     )
-    if exclude_suffixes:
-        table = table.filter(
-            pa.array(
-                [not k.endswith(exclude_suffixes) for k in table["key"].to_pylist()], pa.bool_()
-            )
-        )
-    return table
 
 
 # ---------------------------------------------------------------------------- Parquet shards
@@ -478,22 +524,17 @@ class ParquetSource:
         index = None
         if not pa.types.is_integer(self.schema.field("label").type):
             index = {c: i for i, c in enumerate(self.class_names())}
-        return ray.data.from_items([{"path": rel} for rel in files]).map_batches(
+        read = functools.partial(
             _parquet_rows,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "fs": self.fs,
-                "root": self.root,
-                "columns": [
-                    c for c in ("key", "image", "label", "split") if c in self.schema.names
-                ],
-                "label_index": index,
-                "fractions": fractions,
-                "missing": frozenset({"dev", "test"}) - self.declared_splits(),
-                "keep": split,
-            },
+            fs=self.fs,
+            root=self.root,
+            columns=[c for c in ("key", "image", "label", "split") if c in self.schema.names],
+            label_index=index,
+            fractions=fractions,
+            missing=frozenset({"dev", "test"}) - self.declared_splits(),
+            keep=split,
         )
+        return _ReadUnits("ParquetShards", read, files).dataset()
 
     def declared_splits(self) -> frozenset[str]:
         """The splits the ``split`` column names (none without one): from the manifest's counts
@@ -516,7 +557,7 @@ def _image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArr
 
 
 def _parquet_rows(
-    batch: pa.Table,
+    rel: str,
     *,
     fs: pafs.FileSystem,
     root: str,
@@ -526,27 +567,26 @@ def _parquet_rows(
     missing: frozenset[str],
     keep: str | None,
 ) -> Iterator[pa.Table]:
-    """Ray Data map: Parquet file paths -> rows, one record batch at a time.
+    """One Parquet file -> rows, one record batch at a time.
 
     Keyless rows are keyed ``<file>#<row index>``. A split column is trusted (aliases such as
     "validation" mapped); the splits it lacks (``missing``) are hashed out of its train rows,
     as every split is when there is no such column.
     """
-    for rel in batch["path"].to_pylist():
-        offset = 0
-        with fs.open_input_file(f"{root}/{rel}") as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
-                if "key" in columns:
-                    keys = rb.column("key").to_pylist()
-                else:
-                    keys = [f"{rel}#{offset + i}" for i in range(rb.num_rows)]
-                offset += rb.num_rows
-                labels = rb.column("label").to_pylist()
-                if label_index is not None:
-                    labels = [label_index[v] for v in labels]
-                if "split" in columns:
-                    declared = split_names(rb.column("split").to_pylist(), f"{root}/{rel}")
-                else:
-                    declared = ["train"] * rb.num_rows
-                splits = assign_splits(keys, declared, missing, fractions)
-                yield _rows(keys, _image_bytes(rb.column("image")), labels, splits, keep)
+    offset = 0
+    with fs.open_input_file(f"{root}/{rel}") as f:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
+            if "key" in columns:
+                keys = rb.column("key").to_pylist()
+            else:
+                keys = [f"{rel}#{offset + i}" for i in range(rb.num_rows)]
+            offset += rb.num_rows
+            labels = rb.column("label").to_pylist()
+            if label_index is not None:
+                labels = [label_index[v] for v in labels]
+            if "split" in columns:
+                declared = split_names(rb.column("split").to_pylist(), f"{root}/{rel}")
+            else:
+                declared = ["train"] * rb.num_rows
+            splits = assign_splits(keys, declared, missing, fractions)
+            yield _rows(keys, _image_bytes(rb.column("image")), labels, splits, keep)

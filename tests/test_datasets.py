@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,9 @@ from pipelines.datasets import (
     describe,
     read_dataset,
 )
+from pipelines.ingest import IngestConfig, to_tokens
 from pipelines.sources import ROW_SCHEMA
+from vit import ViTConfig
 
 if TYPE_CHECKING:
     from conftest import S3Server
@@ -136,6 +139,23 @@ def test_folder_and_s3_sources_yield_the_same_rows(digits_folder: Path, moto_s3:
     assert test_only == {k: v for k, v in local.items() if v[2] == "test"}
 
 
+def test_a_folder_split_reads_only_its_files_and_survives_a_vanished_one(
+    digits_folder: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "digits"
+    shutil.copytree(digits_folder, copy)
+    everything = rows(read_dataset(str(copy)))
+    dev = read_dataset(str(copy), "dev")  # listed now, read when iterated
+    dev_keys = sorted(k for k, v in everything.items() if v[2] == "dev")
+    for key in everything:
+        if key not in dev_keys[1:]:  # every file but the dev rows after the first disappears
+            (copy / key).unlink()
+    read = rows(dev)
+    assert sorted(read) == dev_keys  # no other split's file was opened: they are gone
+    assert read[dev_keys[0]][0] == b""  # the vanished dev file: a row the decoder will count
+    assert all(read[k] == everything[k] for k in dev_keys[1:])
+
+
 def test_parquet_with_keys_yields_the_folder_rows(digits_folder: Path, tmp_path: Path) -> None:
     local = rows(read_dataset(str(digits_folder)))
     keys = sorted(local)
@@ -152,6 +172,23 @@ def test_parquet_with_keys_yields_the_folder_rows(digits_folder: Path, tmp_path:
     (tmp_path / "manifest.json").write_text(names)
     assert rows(read_dataset(str(tmp_path))) == local  # same keys -> same hashed splits
     assert describe(str(tmp_path)).class_names == ("seven", "three", "zero")
+
+
+def test_each_parquet_file_is_decoded_by_a_task_of_its_own(
+    digits_folder: Path, tmp_path: Path
+) -> None:
+    """Fused into one map with the decoding, a file list was bundled up to the decode batch size:
+    8 paths a task here, 512 in a real config, so a mid-sized dataset decoded in one task."""
+    local = rows(read_dataset(str(digits_folder)))
+    keys = sorted(local)
+    table = pa.table({"key": keys, "image": [local[k][0] for k in keys], "label": [0] * len(keys)})
+    for part in range(3):
+        pq.write_table(table.slice(part * 9, 9), tmp_path / f"part-{part}.parquet")
+    model = ViTConfig(image_size=16, patch_size=8, width=32, depth=1, mlp_dim=32, num_heads=2)
+    ingest = IngestConfig(batch_size=8, max_bad_fraction=0.5)  # each file has 9 rows
+    tokens = to_tokens(read_dataset(str(tmp_path)), model, ingest=ingest).materialize()
+    assert tokens.num_blocks() == 3
+    assert tokens.count() == 24  # 26 files less the empty and the corrupt one
 
 
 def test_keyless_hugging_face_parquet(tmp_path: Path) -> None:
