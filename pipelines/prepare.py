@@ -6,8 +6,10 @@ The source is anything ``pipelines.datasets.read_dataset`` reads (catalog name, 
 Parquet, ``s3://``/``gs://`` URI); the output is a local folder or object-storage URI that
 ``read_dataset`` reads back with the manifest's class names.
 
-Re-running is safe. Rows are sorted by (split, key), so the same input gives byte-identical
-shards; shard names carry their content hash, so a new shard never overwrites a different one.
+Re-running is safe. Rows are sorted by split, then by the hash of their key, so the same input
+gives byte-identical shards (in key order, a shard of a class-per-folder source would hold one or
+two classes, and so would the training batches read from it). Shard names carry their content
+hash, so a new shard never overwrites a different one.
 Shards are written to ``_tmp/`` and moved into place, the manifest is replaced only after all its
 shards exist, and stale shards are deleted only after that: an interrupted run leaves the old
 manifest and its shards intact. A run whose source listing and parameters match the existing
@@ -31,7 +33,14 @@ import pyarrow.parquet as pq
 from ray.data.context import ShuffleStrategy
 
 from pipelines.datasets import SplitFractions, describe, fingerprint, read_dataset
-from pipelines.sources import MANIFEST_NAME, ROW_SCHEMA, SPLITS, read_manifest, resolve_uri
+from pipelines.sources import (
+    MANIFEST_NAME,
+    ROW_SCHEMA,
+    SPLITS,
+    key_units,
+    read_manifest,
+    resolve_uri,
+)
 
 FORMAT = "vitray-shards/1"
 TMP_DIR = "_tmp"  # underscore: hidden from every reader (see sources.is_hidden)
@@ -141,6 +150,11 @@ def _intact(fs: pafs.FileSystem, root: str, manifest: dict) -> bool:
     return all(i.size == s["size_bytes"] for i, s in zip(infos, manifest["shards"], strict=True))
 
 
+def _with_key_hash(batch: pa.Table) -> pa.Table:
+    """Ray Data map: each row's key hash as ``order``, the order of rows within a split."""
+    return batch.append_column("order", pa.array(key_units(batch["key"].to_pylist())))
+
+
 def prepare(
     config: PrepareConfig,
     *,
@@ -172,7 +186,8 @@ def prepare(
     # Ray 2.60's default SHUFFLE_V2 sort starts actors: 10-20 s even for ten rows on 2 cores;
     # the task-based sort takes well under a second there and scales to datasets of this kind.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ds = ds.sort(["split", "key"])
+    ds = ds.map_batches(_with_key_hash, batch_format="pyarrow").sort(["split", "order", "key"])
+    ds = ds.drop_columns(["order"])
     ds.context.execution_options.preserve_order = True  # shard contents follow the sort order
     fs.create_dir(root, recursive=True)
     writer = _ShardWriter(fs, root, config.rows_per_shard, info.num_classes)

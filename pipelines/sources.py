@@ -346,10 +346,12 @@ class FolderSource:
 
     def listing(self, fractions: SplitFractions, split: str | None = None) -> pa.Table:
         """The image files of ``split`` (all when None) as rows without their bytes: key, path
-        below root, label, split.
+        below root, label, split; in the order of their keys' hashes.
 
         Built on the driver from a listing of the folders that can hold ``split`` (paths only),
-        so splits and labels are known before any image is read.
+        so splits and labels are known before any image is read. Listed in folder order, every
+        block of files would hold one or two classes, and so would the training batches drawn
+        from it; in hash order each block is a fixed random sample of all classes.
         """
         keys, paths, labels, declared = [], [], [], []
         for d, label, s in self.dirs:
@@ -367,7 +369,7 @@ class FolderSource:
                 "label": pa.array(labels, pa.int64()),
                 "split": pa.array(assign_splits(keys, declared, self.missing, fractions)),
             }
-        )
+        ).take(np.argsort(key_units(keys), kind="stable"))
         return rows if split is None else rows.filter(pc.equal(rows["split"], split))
 
     def split_sizes(self, fractions: SplitFractions) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -130,6 +131,8 @@ def test_folder_and_s3_sources_yield_the_same_rows(digits_folder: Path, moto_s3:
     assert local["seven/corrupt.png"][1] == 0
     assert local["zero/scans/zero_6.png"][1] == 2
     assert {s for _, _, s in local.values()} == {"train", "dev", "test"}
+    labels = [row["label"] for row in read_dataset(str(digits_folder)).take_all()]
+    assert sum(a != b for a, b in itertools.pairwise(labels)) > 8  # classes mixed, not in a row
 
     uri = moto_s3.upload(digits_folder, "folders/digits")
     assert rows(read_dataset(uri)) == local  # endpoint from AWS_ENDPOINT_URL
