@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vit.config import ViTConfig
@@ -107,21 +107,24 @@ def _decode(data: bytes, max_pixels: int, target: tuple[int, int]) -> Image.Imag
         image.load()
     except BadImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Exception:  # a decoder plugin fed hostile bytes may raise anything
         raise BadImageError("not a readable image (corrupt, truncated or unknown format)") from None
     return image
 
 
 def _to_channels(image: Image.Image, channels: int) -> Image.Image:
     """Grey, palette and transparent images become what the model expects (alpha on white)."""
+    if channels not in (1, 3):
+        raise ValueError(f"images can feed 1 or 3 channels, not {channels}")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     target = "RGB" if channels == 3 else "L"
-    if channels not in (1, 3):
-        raise ValueError(f"images can feed 1 or 3 channels, not {channels}")
-    return image if image.mode == target else image.convert(target)
+    try:
+        return image if image.mode == target else image.convert(target)
+    except ValueError:  # modes Pillow cannot convert, e.g. CIELAB to grey
+        raise BadImageError(f"cannot convert a {image.mode} image to {target}") from None
 
 
 def _centre_box(size: tuple[int, int], config: ViTConfig) -> tuple[float, float, float, float]:

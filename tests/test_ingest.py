@@ -104,10 +104,18 @@ def truncated_png() -> bytes:
     return encode(RGB)[:200]
 
 
+def dds_with_unknown_pixel_format() -> bytes:
+    """A DDS whose decoder raises NotImplementedError, not one of Pillow's usual errors."""
+    data = bytearray(encode(np.zeros((8, 8, 4), np.uint8), "DDS"))
+    data[80:84] = (17).to_bytes(4, "little")  # pixel-format flags no decoder knows
+    return bytes(data)
+
+
 BAD_INPUTS = {
     "empty": b"",
     "truncated": truncated_png(),
     "text": b"this is not an image\n",
+    "dds": dds_with_unknown_pixel_format(),
 }
 
 
@@ -115,6 +123,13 @@ BAD_INPUTS = {
 def test_bad_bytes_raise_bad_image_error(kind: str) -> None:
     with pytest.raises(BadImageError):
         image_to_tokens(BAD_INPUTS[kind], config())
+
+
+def test_an_image_that_cannot_take_the_model_channels_is_a_bad_image() -> None:
+    buffer = io.BytesIO()
+    Image.new("LAB", (32, 32)).save(buffer, format="TIFF")  # Pillow cannot convert LAB to grey
+    with pytest.raises(BadImageError, match="cannot convert a LAB image to L"):
+        image_to_tokens(buffer.getvalue(), config(in_channels=1))
 
 
 def test_oversized_images_are_refused_before_decoding() -> None:
