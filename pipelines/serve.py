@@ -41,6 +41,7 @@ from vit.analysis import attention_rollout_map
 from vit.model import VisionTransformer
 
 TOKEN_ENV = "VITRAY_API_TOKEN"
+APP_NAME = "vitray"  # the Serve application; jobs delete it alone, never other teams' apps
 MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
 
 
@@ -88,8 +89,9 @@ def resolve_model(reference: str, cache_dir: Path) -> tuple[Path, dict[str, Any]
     else:
         name, number = spec.rsplit("/", 1)
         version = mlflow.get_model_version(name, number)
-    # download_artifacts keeps the artifact folder's own name under the destination.
-    target = cache_dir / f"{name}-v{version.version}"
+    # download_artifacts keeps the artifact folder's own name under the destination. Version
+    # numbers restart in every registry, so the run id (unique) is part of the cache key.
+    target = cache_dir / f"{name}-v{version.version}-{version.run_id}"
     directory = target / Path(version.source).name
     if not directory.exists():
         _download(version.source, target, directory)
@@ -141,6 +143,17 @@ app = FastAPI(
 )
 
 
+def api_token() -> str | None:
+    """The bearer token requests must carry, or None for none.
+
+    Set but empty (say ``$(cat missing-file)``) is an error: it must never mean "no token".
+    """
+    token = os.environ.get(TOKEN_ENV)
+    if token is not None and not token.strip():
+        raise ValueError(f"{TOKEN_ENV} is set but empty; unset it or give it a token")
+    return token
+
+
 def _error(status: int, reason: str) -> HTTPException:
     return HTTPException(status_code=status, detail=reason)
 
@@ -154,7 +167,7 @@ class ViTService:
             "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
         )
         self.cache_dir = Path(os.environ.get("VITRAY_MODEL_CACHE", "/tmp/vitray-models"))
-        self.token = os.environ.get(TOKEN_ENV)
+        self.token = api_token()
         self.forward_passes = 0
         self.images_forwarded = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # the latest
@@ -338,10 +351,16 @@ class ViTService:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise _error(400, f"malformed JSON: {error}") from None
+        except RecursionError:  # e.g. 100,000 nested brackets, well under the body limit
+            raise _error(400, "malformed JSON: nested too deeply") from None
         if not isinstance(payload, dict):
             raise _error(400, "JSON body must be an object")
         encoded = payload.get("images") or ([payload["image"]] if "image" in payload else None)
-        if not encoded or not all(isinstance(e, str) for e in encoded):
+        if (
+            not isinstance(encoded, list)
+            or not encoded
+            or not all(isinstance(e, str) for e in encoded)
+        ):
             raise _error(400, 'JSON body needs "image" (base64 string) or "images" (list)')
         try:
             images = [base64.b64decode(e, validate=True) for e in encoded]
@@ -432,8 +451,9 @@ class ViTService:
         return (await self._model_for(model)).identity
 
     @app.get("/v1/stats")
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, request: Request) -> dict[str, Any]:
         """How well dynamic batching is working: lifetime counts and the latest batch sizes."""
+        self._authorise(request)
         sizes = list(self.batch_sizes)
         return {
             "forward_passes": self.forward_passes,
@@ -459,8 +479,9 @@ def build_app(config: ServeConfig) -> serve.Application:
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus, "num_gpus": int(config.use_gpu)}
     # Replicas resolve registry URIs against the caller's tracking server and see its token.
     env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
-    if TOKEN_ENV in os.environ:
-        env[TOKEN_ENV] = os.environ[TOKEN_ENV]
+    token = api_token()
+    if token is not None:
+        env[TOKEN_ENV] = token
     actor_options["runtime_env"] = {"env_vars": env}
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
@@ -481,7 +502,7 @@ def build_app(config: ServeConfig) -> serve.Application:
 def deploy(config: ServeConfig) -> str:
     """Start Serve's HTTP proxy where the config says and (re)deploy the app; returns its URL."""
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name="vitray", route_prefix=config.route_prefix)
+    serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}"
 
 

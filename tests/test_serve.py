@@ -11,6 +11,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ray import serve
 from jobs import query
 from pipelines import tracking
 from pipelines.ingest import image_to_tokens
-from pipelines.serve import ServeConfig, build_app
+from pipelines.serve import TOKEN_ENV, ServeConfig, build_app, resolve_model
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 from vit.analysis import attention_rollout_map
@@ -236,6 +237,11 @@ def hostile_requests() -> dict[str, tuple[dict, int]]:
             400,
         ),
         "bad base64": (dict(json={"image": "***not base64***"}), 400),
+        "json nested too deeply": (
+            dict(data=b"[" * 100_000, headers={"Content-Type": "application/json"}),
+            400,
+        ),
+        "images not a list": (dict(json={"images": 5}), 400),
         "model not a string": (dict(json={"image": encoded, "model": ["vit-tux"]}), 422),
         "top_k a fraction": (dict(json={"image": encoded, "top_k": 2.5}), 422),
         "top_k a boolean": (dict(json={"image": encoded, "top_k": True}), 422),
@@ -287,6 +293,49 @@ def test_query_client_prints_the_table_and_fails_with_the_reason(
     bad.write_bytes(b"not a png")
     assert query.main([str(bad), "--url", url]) == 1
     assert "HTTP 422" in capsys.readouterr().err
+
+
+def test_a_token_protects_predictions_and_stats(
+    endpoint: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _ = endpoint
+    monkeypatch.setenv(TOKEN_ENV, "")
+    with pytest.raises(ValueError, match="set but empty"):
+        build_app(SERVE_CONFIG)  # an empty token must not mean "no token"
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    secured = replace(SERVE_CONFIG, num_cpus=0)  # beside the main app on the 2 test CPUs
+    serve.run(build_app(secured), name="vitray-token", route_prefix="/secure")
+    try:
+        image = dict(data=real_images()[0], headers={"Content-Type": "image/jpeg"})
+        assert post(f"{url}/secure/v1/predict", **image).status_code == 401
+        wrong = {"Authorization": "Bearer nope", "Content-Type": "image/jpeg"}
+        assert (
+            post(f"{url}/secure/v1/predict", data=image["data"], headers=wrong).status_code == 401
+        )
+        assert requests.get(f"{url}/secure/v1/stats", timeout=30).status_code == 401
+        assert requests.get(f"{url}/secure/v1/health", timeout=30).status_code == 200
+        right = {"Authorization": "Bearer s3cret", "Content-Type": "image/jpeg"}
+        assert (
+            post(f"{url}/secure/v1/predict", data=image["data"], headers=right).status_code == 200
+        )
+    finally:
+        serve.delete("vitray-token")
+
+
+def test_a_cached_model_is_never_another_registry_s_same_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions restart at 1 in every MLflow database; the cache must tell them apart."""
+    config = ViTConfig(image_size=8, patch_size=2, num_classes=10, width=32, depth=2,
+                       mlp_dim=64, num_heads=2)  # fmt: skip
+    heads = []
+    for registry, seed in (("first", 0), ("second", 1)):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / registry}.db")
+        register(tmp_path / registry, "digits", config, [str(i) for i in range(10)], seed=seed)
+        directory, identity = resolve_model("models:/vit-digits@champion", tmp_path / "cache")
+        assert identity["version"] == "1"
+        heads.append(vit_checkpoint.load(directory)[0].head.weight)
+    assert not torch.equal(heads[0], heads[1])
 
 
 def test_attention_rollout_comes_back_and_matches_the_offline_map(
