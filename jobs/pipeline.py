@@ -20,6 +20,7 @@ from ray import serve
 
 from jobs.common import add_common_arguments, connect, load_config
 from pipelines import pipeline
+from pipelines.serve import APP_NAME
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    if not local_ray:  # a cluster's Serve outlives this job: drain and stop the endpoint
-        serve.shutdown()
+    if not local_ray:  # a cluster's Serve outlives this job: drain and stop our endpoint
+        serve.delete(APP_NAME)
     return 0
 
 

@@ -17,7 +17,7 @@ import time
 from ray import serve
 
 from jobs.common import connect
-from pipelines.serve import ServeConfig, champions, deploy
+from pipelines.serve import APP_NAME, ServeConfig, champions, deploy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     models = champions(args.datasets)
     for item in args.model:
         name, _, reference = item.partition("=")
+        if not name or not reference:
+            parser.error(f"--model takes NAME=REF (a checkpoint or models:/ URI), got {item!r}")
         models[name] = reference
     if not models:
         parser.error("name at least one model with --datasets or --model")
+    if args.detach and args.address is None:
+        parser.error("--detach needs a cluster (--address): a local Ray ends with this process")
     local_ray = connect(args.address)
     config = ServeConfig(
         models=models,
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         if not local_ray:  # a local Ray takes the endpoint down as this process exits
-            serve.shutdown()
+            serve.delete(APP_NAME)
     return 0
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs import serve as serve_job
 from jobs.common import load_config
 
 PIPELINE = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.py")
@@ -40,3 +41,24 @@ def test_dotted_keys_reach_nested_fields_and_values_are_literals() -> None:
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         load_config(PIPELINE, smoke=True, overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "runs/x/model"], "--model takes NAME=REF"),
+        (["--model", "name="], "--model takes NAME=REF"),
+        (["--datasets", "digits", "--detach"], "--detach needs a cluster"),
+    ],
+)
+def test_serve_job_refuses_options_that_would_fail_later(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        serve_job.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
