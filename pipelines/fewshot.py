@@ -80,7 +80,7 @@ def run_fewshot(
     run_name = f"fewshot-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = tracking.start_run(run_name, experiment=experiment, tags=tags, uri=uri)
     mlflow = tracking.client(uri)
-    try:
+    with tracking.ending(run_id, uri):
         params = {
             "checkpoint": str(directory),
             "dataset": dataset,
@@ -131,10 +131,6 @@ def run_fewshot(
         mlflow.log_batch(run_id, metrics=[Metric(n, v, now, 0) for n, v in metrics.items()])
         curve = figures.fewshot_curve(accuracy, 1 / info.num_classes, f"{dataset}: few-shot")
         figures.log_figure(mlflow, run_id, curve, "figures/fewshot.png")
-    except BaseException:
-        mlflow.set_terminated(run_id, "FAILED")
-        raise
-    mlflow.set_terminated(run_id)
     return {
         "run_id": run_id,
         "accuracy": accuracy,

@@ -108,12 +108,11 @@ def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[Dat
     )
     tracking.log_params(sweep_run, config, uri)
     pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
-    outcomes = [
-        _tune_dataset(config, meta.config, name, sweep_run, pretrain_run, uri)
-        for name in config.datasets
-    ]
-    tracking.client(uri).set_terminated(sweep_run)
-    return outcomes
+    with tracking.ending(sweep_run, uri):
+        return [
+            _tune_dataset(config, meta.config, name, sweep_run, pretrain_run, uri)
+            for name in config.datasets
+        ]
 
 
 def format_table(outcomes: list[DatasetOutcome]) -> str:
@@ -165,90 +164,94 @@ def _tune_dataset(
         tags={"vitray_stage": kind, "vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
         uri=uri,
     )
-    tracker = start_error_tracker()
-    # tune.with_parameters stores these in the object store once for all the dataset's trials.
-    data = {
-        split: _tokens(dataset, split, model_config, config.ingest, tracker)
-        for split in SELECTION_SPLITS
-    }
-    trainable = tune.with_parameters(
-        tune.with_resources(_trial, {"CPU": config.cpus_per_trial}),
-        config=config,
-        model_config=model_config,
-        train=data["train"],
-        dev=data["dev"],
-        class_names=list(info.class_names),
-        dataset=dataset,
-        parent_run=dataset_run,
-        uri=uri,
-    )
-    evaluations = max(1, math.ceil(config.steps / config.eval_every))
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"learning_rate": tune.grid_search(list(config.learning_rates))},
-        tune_config=tune.TuneConfig(
-            scheduler=ASHAScheduler(
-                metric="dev_accuracy",
-                mode="max",
-                max_t=evaluations,
-                grace_period=min(config.grace_evaluations, evaluations),
-                reduction_factor=config.reduction_factor,
-            ),
-            max_concurrent_trials=config.max_concurrent_trials,
-            # A trial's actor starts the next trial: no new process, imports or copy of the data.
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{config.sweep_name}-{kind}-{dataset}",
-            storage_path=str(Path(config.storage_path).resolve()),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
-    )
-    grid = tuner.fit()
-    mlflow = tracking.client(uri)
-    _close_stopped_trials(mlflow, dataset_run)
-    failed = [r for r in grid if r.error is not None]
-    finished = [r for r in grid if r.error is None and r.metrics]
-    if not finished:
-        raise RuntimeError(f"every trial failed on {dataset}: {failed[0].error if failed else ''}")
-    best = max(finished, key=lambda r: r.metrics["dev_accuracy"])
-    stopped = sum(1 for r in finished if r.metrics.get("step", 0) < config.steps)
-    with best.checkpoint.as_directory() as directory:
-        model, _ = vit_checkpoint.load(Path(directory))
-        test = _tokens(dataset, "test", model.config, config.ingest, tracker)
-        predictions = _predict(model, test)
-        test_accuracy = float(np.mean(predictions == test["label"]))
-        mlflow.log_artifacts(dataset_run, directory, "checkpoint")
-    _log_test_figures(mlflow, dataset_run, model.config, test, predictions, info.class_names)
-    errors = ray.get(tracker.summary.remote())
-    if errors["samples"]:
-        mlflow.log_dict(dataset_run, {"bad_images": errors["samples"]}, "data_errors.json")
-    learning_rate = float(best.config["learning_rate"])
-    for key, value in {
-        "dev/accuracy": float(best.metrics["dev_accuracy"]),
-        "test/accuracy": test_accuracy,
-        "trials": len(grid),
-        "trials_stopped_early": stopped,
-        "trials_failed": len(failed),
-        "data/bad_images": errors["bad"],
-    }.items():
-        mlflow.log_metric(dataset_run, key, value)
-    mlflow.log_param(dataset_run, "best_learning_rate", learning_rate)
-    if failed:
-        reasons = {str(r.config["learning_rate"]): str(r.error)[-500:] for r in failed}
-        mlflow.log_dict(dataset_run, reasons, "failed_trials.json")
-        mlflow.set_tag(dataset_run, "vitray_failed_trials", ", ".join(sorted(reasons)))
-    version = None
-    if config.register and not config.from_scratch:
-        version = tracking.register_model(
-            f"vit-{dataset}",
-            dataset_run,
-            "checkpoint",
-            tags={"vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
-            alias=CHAMPION,
+    with tracking.ending(dataset_run, uri):
+        tracker = start_error_tracker()
+        # tune.with_parameters stores these in the object store once for all the dataset's trials.
+        data = {
+            split: _tokens(dataset, split, model_config, config.ingest, tracker)
+            for split in SELECTION_SPLITS
+        }
+        trainable = tune.with_parameters(
+            tune.with_resources(_trial, {"CPU": config.cpus_per_trial}),
+            config=config,
+            model_config=model_config,
+            train=data["train"],
+            dev=data["dev"],
+            class_names=list(info.class_names),
+            dataset=dataset,
+            parent_run=dataset_run,
             uri=uri,
         )
-    mlflow.set_terminated(dataset_run)
+        evaluations = max(1, math.ceil(config.steps / config.eval_every))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"learning_rate": tune.grid_search(list(config.learning_rates))},
+            tune_config=tune.TuneConfig(
+                scheduler=ASHAScheduler(
+                    metric="dev_accuracy",
+                    mode="max",
+                    max_t=evaluations,
+                    grace_period=min(config.grace_evaluations, evaluations),
+                    reduction_factor=config.reduction_factor,
+                ),
+                max_concurrent_trials=config.max_concurrent_trials,
+                # A trial's actor starts the next trial: no new process, imports, data copy.
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=f"{config.sweep_name}-{kind}-{dataset}",
+                storage_path=str(Path(config.storage_path).resolve()),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        mlflow = tracking.client(uri)
+        try:
+            grid = tuner.fit()
+        finally:  # also when the sweep is interrupted: no trial run stays RUNNING
+            _close_stopped_trials(mlflow, dataset_run)
+        failed = [r for r in grid if r.error is not None]
+        finished = [r for r in grid if r.error is None and r.metrics]
+        if not finished:
+            raise RuntimeError(
+                f"every trial failed on {dataset}: {failed[0].error if failed else ''}"
+            )
+        best = max(finished, key=lambda r: r.metrics["dev_accuracy"])
+        stopped = sum(1 for r in finished if r.metrics.get("step", 0) < config.steps)
+        with best.checkpoint.as_directory() as directory:
+            model, _ = vit_checkpoint.load(Path(directory))
+            test = _tokens(dataset, "test", model.config, config.ingest, tracker)
+            predictions = _predict(model, test)
+            test_accuracy = float(np.mean(predictions == test["label"]))
+            mlflow.log_artifacts(dataset_run, directory, "checkpoint")
+        _log_test_figures(mlflow, dataset_run, model.config, test, predictions, info.class_names)
+        errors = ray.get(tracker.summary.remote())
+        if errors["samples"]:
+            mlflow.log_dict(dataset_run, {"bad_images": errors["samples"]}, "data_errors.json")
+        learning_rate = float(best.config["learning_rate"])
+        for key, value in {
+            "dev/accuracy": float(best.metrics["dev_accuracy"]),
+            "test/accuracy": test_accuracy,
+            "trials": len(grid),
+            "trials_stopped_early": stopped,
+            "trials_failed": len(failed),
+            "data/bad_images": errors["bad"],
+        }.items():
+            mlflow.log_metric(dataset_run, key, value)
+        mlflow.log_param(dataset_run, "best_learning_rate", learning_rate)
+        if failed:
+            reasons = {str(r.config["learning_rate"]): str(r.error)[-500:] for r in failed}
+            mlflow.log_dict(dataset_run, reasons, "failed_trials.json")
+            mlflow.set_tag(dataset_run, "vitray_failed_trials", ", ".join(sorted(reasons)))
+        version = None
+        if config.register and not config.from_scratch:
+            version = tracking.register_model(
+                f"vit-{dataset}",
+                dataset_run,
+                "checkpoint",
+                tags={"vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
+                alias=CHAMPION,
+                uri=uri,
+            )
     return DatasetOutcome(
         dataset=dataset,
         dev_accuracy=float(best.metrics["dev_accuracy"]),

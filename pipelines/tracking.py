@@ -7,11 +7,13 @@ refuses the plain `file:` store). On a cluster, point the variable at an `mlflow
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,22 @@ def start_run(
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client(uri).create_run(experiment_id(experiment, uri), run_name=run_name, tags=all_tags)
     return run.info.run_id
+
+
+@contextlib.contextmanager
+def ending(run_id: str, uri: str | None = None) -> Iterator[None]:
+    """End ``run_id`` FINISHED when the block completes, FAILED when it raises (KILLED on Ctrl-C),
+    so a stage that dies never leaves its run RUNNING in the MLflow UI."""
+    mlflow = client(uri)
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        mlflow.set_terminated(run_id, "FAILED")
+        raise
+    mlflow.set_terminated(run_id)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:

@@ -85,3 +85,28 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
     assert meta.config.num_classes == 10
     assert meta.config.representation_size is None
     print(finetune.format_table(outcomes))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_sweep_whose_trials_all_fail_leaves_no_run_running(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    config = FinetuneConfig(
+        checkpoint=str(pretrained),
+        datasets=("digits",),
+        learning_rates=(1e38,),
+        steps=4,
+        batch_size=64,
+        warmup_steps=1,
+        eval_every=2,
+        storage_path=str(tmp_path / "tune"),
+        sweep_name="doomed",
+    )
+    with pytest.raises(RuntimeError, match="every trial failed on digits"):
+        finetune.run(config)
+    mlflow = tracking.client()
+    runs = mlflow.search_runs([tracking.experiment_id(config.experiment)])
+    statuses = {r.data.tags["mlflow.runName"]: r.info.status for r in runs}
+    assert statuses.pop("doomed-finetune") == "FAILED"  # the sweep
+    assert statuses.pop("finetune-digits") == "FAILED"  # its dataset
+    assert set(statuses.values()) == {"FAILED"}  # its one trial
