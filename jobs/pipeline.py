@@ -16,11 +16,9 @@ import argparse
 import sys
 import time
 
-from ray import serve
-
 from jobs.common import add_common_arguments, connect, load_config
 from pipelines import pipeline
-from pipelines.serve import APP_NAME
+from pipelines.serve import undeploy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
     if not local_ray:  # a cluster's Serve outlives this job: drain and stop our endpoint
-        serve.delete(APP_NAME)
+        undeploy()
     return 0
 
 

@@ -14,10 +14,8 @@ import os
 import sys
 import time
 
-from ray import serve
-
 from jobs.common import connect
-from pipelines.serve import APP_NAME, ServeConfig, champions, deploy
+from pipelines.serve import ServeConfig, champions, deploy, undeploy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         if not local_ray:  # a local Ray takes the endpoint down as this process exits
-            serve.delete(APP_NAME)
+            undeploy()
     return 0
 
 

@@ -41,7 +41,7 @@ from vit.analysis import attention_rollout_map
 from vit.model import VisionTransformer
 
 TOKEN_ENV = "VITRAY_API_TOKEN"
-APP_NAME = "vitray"  # the Serve application; jobs delete it alone, never other teams' apps
+APP_NAME = "vitray"  # the Serve application (see `undeploy`)
 MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
 
 
@@ -504,6 +504,14 @@ def deploy(config: ServeConfig) -> str:
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}"
+
+
+def undeploy() -> None:
+    """Delete the vitray app and no other. Serve itself stops only when no application is left,
+    so the next deploy can choose its own host and port (Serve keeps the first ones it got)."""
+    serve.delete(APP_NAME)
+    if not serve.status().applications:
+        serve.shutdown()
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

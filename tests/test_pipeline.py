@@ -127,6 +127,11 @@ def cluster() -> Iterator[Cluster]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         **HIGH_THROUGHPUT_ENV,  # as cluster.yaml starts its nodes
+        # HAProxy outlives a killed node: with its files under root, teardown finds it too.
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{root}/haproxy/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{root}/haproxy/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": f"{root}/haproxy",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{root}/haproxy/server-state",
     }
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
