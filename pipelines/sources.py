@@ -120,7 +120,13 @@ def assign_splits(
     Test is carved first (``fractions.test`` of the rows), dev second (``fractions.dev`` of what
     stays in train), so dev is always a subset of the declared train rows.
     """
-    units = key_units(keys)
+    return _carve(key_units(keys), declared, missing, fractions)
+
+
+def _carve(
+    units: np.ndarray, declared: Sequence[str], missing: frozenset[str], fractions: SplitFractions
+) -> np.ndarray:
+    """``assign_splits`` on the keys' hash units (callers that also order rows by them)."""
     test = fractions.test if "test" in missing else 0.0
     dev = fractions.dev if "dev" in missing else 0.0
     carved = np.where(
@@ -362,14 +368,15 @@ class FolderSource:
                 paths.append(f"{d}/{rel}")
                 labels.append(label)
                 declared.append(s)
+        units = key_units(keys)  # hashed once: the splits and the order both come from them
         rows = pa.table(
             {
                 "key": pa.array(keys, pa.string()),
                 "path": pa.array(paths, pa.string()),
                 "label": pa.array(labels, pa.int64()),
-                "split": pa.array(assign_splits(keys, declared, self.missing, fractions)),
+                "split": pa.array(_carve(units, declared, self.missing, fractions)),
             }
-        ).take(np.argsort(key_units(keys), kind="stable"))
+        ).take(np.argsort(units, kind="stable"))
         return rows if split is None else rows.filter(pc.equal(rows["split"], split))
 
     def split_sizes(self, fractions: SplitFractions) -> dict[str, int]:
