@@ -207,8 +207,7 @@ class CatalogEntry:
         """Rows of one split (all when None); only the requested rows are encoded."""
         if self.folder is not None:
             self.installed_files()
-            ds = self.folder().read(split, self.fractions)
-            return ds.map_batches(_composite_on_white, batch_format="pyarrow")
+            return self.folder().read(split, self.fractions)
         arrays, splits = self._arrays()
         rows = np.flatnonzero(splits == split) if split else np.arange(len(splits))
         if not len(rows):
@@ -249,27 +248,6 @@ def _encode_png(batch: pa.Table, *, shape: tuple[int, ...]) -> pa.Table:
         "split": batch["split"],
     }
     return pa.table(columns, schema=ROW_SCHEMA)
-
-
-def _composite_on_white(batch: pa.Table) -> pa.Table:
-    """Ray Data map: RGBA stamps on transparent backgrounds -> RGB PNGs on white.
-
-    A file that does not decode is passed through unchanged, so the decoder still counts it.
-    """
-    out = []
-    for blob in batch["image"].to_pylist():
-        try:
-            rgba = Image.open(io.BytesIO(blob)).convert("RGBA")
-        except Exception:  # corrupt files are counted downstream, not here
-            out.append(blob)
-            continue
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        buf = io.BytesIO()
-        Image.alpha_composite(white, rgba).convert("RGB").save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return batch.set_column(
-        batch.schema.get_field_index("image"), "image", pa.array(out, pa.binary())
-    )
 
 
 def _tuxpaint_folder() -> FolderSource:

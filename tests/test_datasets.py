@@ -24,7 +24,7 @@ from pipelines.datasets import (
     describe,
     read_dataset,
 )
-from pipelines.ingest import IngestConfig, to_tokens
+from pipelines.ingest import IngestConfig, image_to_tokens, to_tokens
 from pipelines.sources import ROW_SCHEMA
 from vit import ViTConfig
 
@@ -104,7 +104,7 @@ def test_digits_splits_are_fixed_disjoint_and_dev_comes_from_train() -> None:
     assert np.array_equal(np.asarray(decode(first["digits/0000"][0])), np.rint(expected))
 
 
-def test_tuxpaint_six_classes_composited_to_rgb() -> None:
+def test_tuxpaint_six_classes_composited_on_white() -> None:
     info = catalog("tuxpaint")
     assert dict(zip(info.class_names, range(6), strict=True)) == {
         c: i for i, c in enumerate(TUXPAINT_COUNTS)
@@ -115,10 +115,13 @@ def test_tuxpaint_six_classes_composited_to_rgb() -> None:
     assert counts == TUXPAINT_COUNTS
     assert Counter(s for _, _, s in data.values()) == info.split_sizes
     assert not any(k.endswith(("_mirror.png", "_flip.png")) for k in data)
+    # The stamps are transparent PNGs; the model sees them on white, in RGB.
+    config = ViTConfig(image_size=32, patch_size=8, num_classes=6)
     for key in sorted(data)[:5]:
-        image = decode(data[key][0])
-        assert image.mode == "RGB"
-        assert image.getpixel((0, 0)) == (255, 255, 255)  # transparent corner became white
+        assert decode(data[key][0]).mode in ("RGBA", "LA", "P")
+        tokens = image_to_tokens(data[key][0], config)
+        assert tokens.shape == (16, 8 * 8 * 3)
+        assert tuple(tokens[0, :3]) == (255, 255, 255)  # the transparent corner
 
 
 def test_folder_and_s3_sources_yield_the_same_rows(digits_folder: Path, moto_s3: S3Server) -> None:
