@@ -2,7 +2,8 @@
 
 The same `run()` trains on a 2-core laptop (gloo, fp32) and on a GPU cluster (NCCL, bf16). The
 global batch size is fixed by the config whatever the number of workers: gradient accumulation
-fills the gap, so an elastic run that loses a worker keeps optimising the same objective.
+fills the gap, so an elastic run that loses a worker keeps optimising the same objective (at a
+worker count that does not divide it, the nearest larger batch that does; see `step_layout`).
 
 Checkpoints hold the `vit` checkpoint directory plus `train_state.pt` (optimizer, scheduler, step,
 samples seen). Ray Train restarts the worker group from the latest one after a failure
@@ -25,6 +26,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from mlflow.exceptions import MlflowException
 from ray.data import RandomSeedConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -101,21 +103,12 @@ def run(
     info = describe(config.dataset)
     model_config = config.model.replace(num_classes=len(info.class_names))
     tracker = start_error_tracker()
-    train = to_tokens(
-        # Reseeded each pass: every epoch reads the blocks in another order, reproducibly.
-        read_dataset(config.dataset, "train").randomize_block_order(
-            seed=RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
-        ),
-        model_config,
-        augmentation=config.augmentation,
-        ingest=config.ingest,
-        tracker=tracker,
-    )
+    fs, storage = _storage(config, storage_filesystem)
     dev = to_tokens(
         read_dataset(config.dataset, "dev"), model_config, ingest=config.ingest, tracker=tracker
     )
     uri = tracking.tracking_uri()
-    run_id = _find_or_start_run(config, uri, parent_run_id)
+    run_id = _find_or_start_run(config, uri, parent_run_id, fs, storage)
     loop_config = {
         "config": config,
         "model_config": model_config,
@@ -127,7 +120,6 @@ def run(
     resources = {"CPU": config.cpus_per_worker, **config.extra_resources_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
-    fs, storage = _storage(config, storage_filesystem)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -143,25 +135,59 @@ def run(
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
-        datasets={"train": train, "dev": dev},
+        datasets={"train": _TrainRows(config, model_config, tracker, fs, storage), "dev": dev},
     )
-    result = trainer.fit()
-    errors = ray.get(tracker.summary.remote())
-    mlflow = tracking.client(uri)
-    mlflow.log_metric(run_id, "data/bad_images", errors["bad"])
-    if errors["samples"]:
-        mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
-    if result.checkpoint is None:
-        raise RuntimeError(f"pretraining run {config.run_name} produced no checkpoint")
-    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
-    with result.checkpoint.as_directory() as directory:
-        mlflow.log_artifacts(run_id, str(Path(directory) / "model"), "checkpoint")
-    history = {
-        key: [(m.step, m.value) for m in mlflow.get_metric_history(run_id, key)] for key in CURVES
-    }
-    figures.log_figure(mlflow, run_id, figures.training_curves(history), "figures/curves.png")
-    mlflow.set_terminated(run_id)
+    with tracking.ending(run_id, uri):
+        result = trainer.fit()
+        errors = ray.get(tracker.summary.remote())
+        mlflow = tracking.client(uri)
+        mlflow.log_metric(run_id, "data/bad_images", errors["bad"])
+        if errors["samples"]:
+            mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
+        if result.checkpoint is None:
+            raise RuntimeError(f"pretraining run {config.run_name} produced no checkpoint")
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
+        with result.checkpoint.as_directory() as directory:
+            mlflow.log_artifacts(run_id, str(Path(directory) / "model"), "checkpoint")
+        history = {
+            key: [(m.step, m.value) for m in mlflow.get_metric_history(run_id, key)]
+            for key in CURVES
+        }
+        figures.log_figure(mlflow, run_id, figures.training_curves(history), "figures/curves.png")
     return PretrainResult(result.checkpoint.path, run_id, metrics)
+
+
+class _TrainRows:
+    """The training rows, built by Ray Train each time it starts (or restarts) the workers.
+
+    Every start splits the rows anew, and a fresh split reads the blocks in its first epoch's
+    order. Built once, a run restarted after each failure would train on the front of that one
+    order again and again. Seeded with the step the run resumes from, each start reads a new
+    order, still reproducibly; within a start, every epoch reads another one.
+    """
+
+    def __init__(
+        self,
+        config: PretrainConfig,
+        model_config: ViTConfig,
+        tracker: ray.actor.ActorHandle,
+        fs: pafs.FileSystem,
+        storage: str,
+    ) -> None:
+        self.config, self.model_config, self.tracker = config, model_config, tracker
+        self.fs, self.storage = fs, storage
+
+    def __call__(self) -> ray.data.Dataset:
+        latest = _latest_checkpoint(self.config, self.fs, self.storage)
+        step = int(latest["metrics"]["step"]) if latest else 0
+        seed = RandomSeedConfig(seed=self.config.seed + step, reseed_after_execution=True)
+        return to_tokens(
+            read_dataset(self.config.dataset, "train").randomize_block_order(seed=seed),
+            self.model_config,
+            augmentation=self.config.augmentation,
+            ingest=self.config.ingest,
+            tracker=self.tracker,
+        )
 
 
 def _storage(config: PretrainConfig, filesystem: Any) -> tuple[pafs.FileSystem, str]:
@@ -174,37 +200,50 @@ def _storage(config: PretrainConfig, filesystem: Any) -> tuple[pafs.FileSystem, 
 
 
 def has_checkpoints(config: PretrainConfig, storage_filesystem: Any = None) -> bool:
-    """Whether Ray Train holds a checkpoint of this run name: a rerun of it resumes from there.
+    """Whether Ray Train holds a checkpoint of this run name: a rerun of it resumes from there."""
+    fs, root = _storage(config, storage_filesystem)
+    return _latest_checkpoint(config, fs, root) is not None
+
+
+def _latest_checkpoint(config: PretrainConfig, fs: pafs.FileSystem, root: str) -> dict | None:
+    """Ray Train's record of the run's latest checkpoint (folder name, metrics), or None.
 
     A checkpoint folder alone does not count. Ray registers a checkpoint when its controller takes
     in the report, some moments after the folder is written, and resumes only from registered
-    ones: those in the run's snapshot file.
+    ones: those in the run's snapshot file. Ray rewrites that file in place, so a read that
+    catches it half-written reads it again.
     """
-    fs, root = _storage(config, storage_filesystem)
     path = f"{root}/{config.run_name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return False
-    with fs.open_input_stream(path) as stream:
-        text = stream.read()
-    try:
-        return json.loads(text).get("latest_checkpoint_result") is not None
-    except json.JSONDecodeError:  # Ray is rewriting it (in place) as it registers a checkpoint
-        return True
+    for _ in range(50):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(path) as stream:
+            text = stream.read()
+        try:
+            return json.loads(text).get("latest_checkpoint_result")
+        except json.JSONDecodeError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{path} stayed unreadable for 5 s")
 
 
-def _find_or_start_run(config: PretrainConfig, uri: str, parent_run_id: str | None) -> str:
-    """One MLflow run per (run name, config): a resumed run keeps logging into the same run."""
+def _find_or_start_run(
+    config: PretrainConfig, uri: str, parent_run_id: str | None, fs: pafs.FileSystem, root: str
+) -> str:
+    """The MLflow run of the checkpoint Ray Train resumes from, or a new run.
+
+    Resumed steps then extend the curves of the run that logged the steps before them. A run
+    with no checkpoint to resume trains from step 0 again, so it gets a run of its own: reusing
+    the old one would drop the new steps as already logged.
+    """
     mlflow = tracking.client(uri)
-    experiment = tracking.experiment_id(config.experiment, uri)
-    digest = tracking.config_hash(config)
-    existing = mlflow.search_runs(
-        [experiment],
-        filter_string=f"tags.vitray_run_name = '{config.run_name}' "
-        f"and tags.vitray_config_hash = '{digest}'",
-        max_results=1,
-    )
-    if existing:
-        return existing[0].info.run_id
+    latest = _latest_checkpoint(config, fs, root)
+    if latest is not None:
+        metadata = f"{root}/{config.run_name}/{latest['checkpoint_dir_name']}/model/vit.json"
+        with fs.open_input_stream(metadata) as stream:
+            run_id = json.loads(stream.read())["provenance"].get("mlflow_run_id")
+        with contextlib.suppress(MlflowException):  # logged to another tracking server
+            if run_id and mlflow.get_run(run_id):
+                return run_id
     run_id = tracking.start_run(
         config.run_name,
         experiment=config.experiment,
@@ -212,7 +251,7 @@ def _find_or_start_run(config: PretrainConfig, uri: str, parent_run_id: str | No
         tags={
             "vitray_stage": "pretrain",
             "vitray_run_name": config.run_name,
-            "vitray_config_hash": digest,
+            "vitray_config_hash": tracking.config_hash(config),
             "vitray_dataset": config.dataset,
         },
         uri=uri,
@@ -231,15 +270,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    per_step = config.global_batch_size // world
-    if config.global_batch_size % world or per_step % min(config.micro_batch_size, per_step):
-        raise ValueError(
-            f"global batch {config.global_batch_size} does not split into {world} workers "
-            f"x micro-batches of {config.micro_batch_size}"
-        )
-    micro = min(config.micro_batch_size, per_step)
-    accumulation = per_step // micro
-    torch.manual_seed(config.seed)
+    accumulation, micro = step_layout(config.global_batch_size, world, config.micro_batch_size)
+    global_batch = world * accumulation * micro
+    torch.manual_seed(config.seed)  # the initial weights (DDP then copies rank 0's to all)
 
     saved = None
     restored = ray.train.get_checkpoint()
@@ -260,6 +293,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         state = saved["state"]
     model = ray.train.torch.prepare_model(model)  # DDP
     _move_optimizer_state(optimizer, device)
+    # Dropout and stochastic depth: other masks on each rank, and after a restart other masks
+    # than the steps before it drew.
+    torch.manual_seed(config.seed + 1_000_003 * state["step"] + rank + 1)
 
     metrics_log = dev_log = None
     if rank == 0:  # one log per group of metrics: each skips the steps it already holds
@@ -270,7 +306,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             resumed = state["step"]
             metrics_log.client.log_metric(run_id, "train/resumed_at_step", resumed, step=resumed)
         print(
-            f"[pretrain] {world} worker(s) on {device}, global batch {config.global_batch_size}"
+            f"[pretrain] {world} worker(s) on {device}, global batch {global_batch}"
             f" = {world} workers x {accumulation} accumulation x {micro}, "
             f"starting at step {state['step']} of {config.steps}",
             flush=True,
@@ -292,25 +328,31 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 loss.backward()
             total_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update used
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state["step"] += 1
-        state["samples"] += config.global_batch_size
-        window_images += config.global_batch_size
+        state["samples"] += global_batch
+        window_images += global_batch
         step = state["step"]
-        if metrics_log is not None and (step % config.log_every == 0 or step == config.steps):
+        logging = step % config.log_every == 0 or step == config.steps
+        evaluate = step % config.eval_every == 0 or step == config.steps
+        save = step % config.checkpoint_every == 0 or step == config.steps
+        if logging or evaluate or save:
+            loss_value = _mean_over_workers(total_loss)  # every rank: it is a collective
+        if metrics_log is not None and logging:
             elapsed = time.perf_counter() - window_start
             images_per_s = window_images / elapsed
-            loss_value = float(total_loss)
             metrics_log.log(
                 step,
                 {
                     "train/loss": loss_value,
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": learning_rate,
                     "train/grad_norm": float(grad_norm),
                     "train/images_per_s": images_per_s,
                     "train/step_time_s": time.perf_counter() - step_start,
+                    "train/global_batch": global_batch,
                     "world_size": world,
                 },
             )
@@ -322,14 +364,12 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 flush=True,
             )
             window_start, window_images = time.perf_counter(), 0
-        evaluate = step % config.eval_every == 0 or step == config.steps
-        save = step % config.checkpoint_every == 0 or step == config.steps
         if not (evaluate or save):
             continue
         pause_start = time.perf_counter()
         metrics: dict[str, float] = {
             "step": step,
-            "train/loss": float(total_loss),
+            "train/loss": loss_value,
             "world_size": world,
             "ddp/replica_divergence": _replica_divergence(model),
         }
@@ -343,6 +383,29 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
         window_start += time.perf_counter() - pause_start  # images/s: training time only
+
+
+def step_layout(global_batch: int, world: int, micro_batch: int) -> tuple[int, int]:
+    """(accumulation steps, micro-batch size) that split one step's batch over `world` workers.
+
+    The global batch is the configured one whenever `world` divides it, else the nearest larger
+    one that splits evenly (4,104 for 4,096 on 6 workers), so an elastic run goes on at any
+    worker count. The workers cannot take different shares instead: their shards of the
+    streaming dataset start each epoch together, so a worker that ran ahead would wait there
+    for the others while they wait for it in the gradient all-reduce.
+    """
+    per_worker = -(-global_batch // world)
+    accumulation = -(-per_worker // micro_batch)
+    return accumulation, -(-per_worker // accumulation)
+
+
+def _mean_over_workers(value: torch.Tensor) -> float:
+    """The mean of a scalar over the workers, so logs describe the global batch, not rank 0's."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
 
 
 def _endless_batches(shard: Any, micro: int, device: torch.device) -> Any:

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.train import TrainingFailedError
 
 if TYPE_CHECKING:
     from conftest import S3Server
@@ -121,7 +122,16 @@ def test_ddp_on_two_nodes_keeps_replicas_identical_and_learns(
 ) -> None:
     # Three epochs of digits, each with fresh crops: after two (80 steps) dev accuracy was
     # 0.22-0.25, too close to the bar.
-    config = tiny_config(tmp_path, "ddp", steps=120, eval_every=40, checkpoint_every=40)
+    # 31 does not split over 2 workers: they take 2 micro-batches of 8 each, a global batch of 32.
+    config = tiny_config(
+        tmp_path,
+        "ddp",
+        steps=120,
+        eval_every=40,
+        checkpoint_every=40,
+        global_batch_size=31,
+        micro_batch_size=8,
+    )
     result = pretrain.run(config)
     assert result.metrics["step"] == 120
     assert result.metrics["world_size"] == 2
@@ -131,10 +141,40 @@ def test_ddp_on_two_nodes_keeps_replicas_identical_and_learns(
     assert sum(losses[-3:]) / 3 < losses[0]  # averaged: one batch's loss is noisy
     assert logged_steps(result.run_id) == list(range(5, 121, 5))
     assert logged_steps(result.run_id, "dev/accuracy") == [40, 80, 120]  # its own step record
-    assert tracking.client().get_run(result.run_id).data.metrics["world_size"] == 2
+    logged = tracking.client().get_run(result.run_id).data.metrics
+    assert logged["world_size"] == 2 and logged["train/global_batch"] == 32
     assert Path(result.checkpoint_path, "model", "model.safetensors").is_file()
     (curves,) = tracking.client().list_artifacts(result.run_id, "figures")
     assert curves.path == "figures/curves.png" and curves.file_size > 1000
+
+
+def test_step_layout_splits_the_batch_evenly_at_any_worker_count() -> None:
+    assert pretrain.step_layout(4096, 8, 256) == (2, 256)
+    assert pretrain.step_layout(4096, 4, 256) == (4, 256)
+    assert pretrain.step_layout(128, 1, 128) == (1, 128)
+    for world in range(1, 9):
+        accumulation, micro = pretrain.step_layout(4096, world, 256)
+        assert micro <= 256
+        assert 4096 <= world * accumulation * micro < 4096 + world * accumulation
+
+
+def test_a_failed_run_ends_failed_in_mlflow(cluster: Cluster, tmp_path: Path) -> None:
+    # No full micro-batch of 4,096 in the digits training split: the worker raises.
+    config = tiny_config(
+        tmp_path,
+        "too-small",
+        num_workers=1,
+        global_batch_size=4096,
+        micro_batch_size=4096,
+        max_failures=0,
+    )
+    with pytest.raises(TrainingFailedError):
+        pretrain.run(config)
+    (run,) = tracking.client().search_runs(
+        [tracking.experiment_id(config.experiment)],
+        filter_string="tags.vitray_run_name = 'too-small'",
+    )
+    assert run.info.status == "FAILED"
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
@@ -174,7 +214,9 @@ def test_an_elastic_run_finishes_on_the_worker_left_when_a_node_goes(
     cluster.add_node(num_cpus=1, resources={"trainer": 1}, object_store_memory=150 * 2**20)
 
 
-def test_checkpoints_go_to_object_storage(cluster: Cluster, moto_s3: S3Server) -> None:
+def test_checkpoints_go_to_object_storage_and_a_rerun_without_them_starts_afresh(
+    cluster: Cluster, moto_s3: S3Server
+) -> None:
     config = tiny_config(
         Path("unused"),
         "s3",
@@ -190,3 +232,11 @@ def test_checkpoints_go_to_object_storage(cluster: Cluster, moto_s3: S3Server) -
         pafs.FileSelector(f"{result.checkpoint_path}/model", recursive=False)
     )
     assert sorted(info.base_name for info in listing) == ["model.safetensors", "vit.json"]
+
+    # The checkpoints are gone: the rerun trains from step 0 again, so it gets its own MLflow
+    # run rather than having every step dropped as already logged in the old one.
+    moto_s3.filesystem.delete_dir(f"{moto_s3.bucket}/checkpoints/s3")
+    assert not pretrain.has_checkpoints(config)
+    rerun = pretrain.run(config)
+    assert rerun.run_id != result.run_id
+    assert logged_steps(rerun.run_id) == [5, 10]
