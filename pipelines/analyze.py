@@ -97,16 +97,16 @@ def run_analysis(
     )
     mlflow = tracking.client(uri)
     paths = []
-    for name, figure in drawn.items():
-        if output_dir is not None:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            figure.savefig(Path(output_dir) / f"{name}.png", dpi=120)
-        paths.append(f"figures/{name}.png")
-        figures.log_figure(mlflow, run_id, figure, paths[-1])
-    distance_by_layer = results["attention_distance"].mean(axis=1)
-    for layer, value in enumerate(distance_by_layer):
-        mlflow.log_metric(run_id, "mean_attention_distance", float(value), step=layer)
-    mlflow.set_terminated(run_id)
+    with tracking.ending(run_id, uri):
+        for name, figure in drawn.items():
+            if output_dir is not None:
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                figure.savefig(Path(output_dir) / f"{name}.png", dpi=120)
+            paths.append(f"figures/{name}.png")
+            figures.log_figure(mlflow, run_id, figure, paths[-1])
+        distance_by_layer = results["attention_distance"].mean(axis=1)
+        for layer, value in enumerate(distance_by_layer):
+            mlflow.log_metric(run_id, "mean_attention_distance", float(value), step=layer)
     return {
         "run_id": run_id,
         "figures": paths,

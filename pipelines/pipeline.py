@@ -24,6 +24,7 @@ import requests
 
 from pipelines import finetune, pretrain, tracking
 from pipelines.analyze import run_analysis
+from pipelines.datasets import fingerprint
 from pipelines.fewshot import run_fewshot
 from pipelines.finetune import FinetuneConfig
 from pipelines.prepare import PrepareConfig, prepare
@@ -91,13 +92,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def keyed_pretrain(config: PretrainConfig) -> tuple[str, PretrainConfig]:
-    """The config's hash, and the config with its Ray Train run named after that hash.
+def keyed_pretrain(config: PretrainConfig, data_checksum: str) -> tuple[str, PretrainConfig]:
+    """The hash of the config and of the data it reads, and the config with its Ray Train run
+    named after that hash.
 
     Ray Train resumes a run of the same name from its checkpoints: right after a crash, wrong
-    after a config change (the old run's weights and step would come back).
+    after a change of config or data (the old run's weights and step would come back).
     """
-    key = tracking.config_hash(config)
+    key = tracking.config_hash({"config": tracking.config_hash(config), "data": data_checksum})
     return key, dataclasses.replace(config, run_name=f"{config.run_name}-{key[:8]}")
 
 
@@ -115,7 +117,6 @@ def local_checkpoint(pretrained: dict[str, Any], config: PretrainConfig, target:
 
 def run(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the summary."""
-    cache = StageCache(Path(config.state_dir) / config.name / "state.json")
     uri = tracking.tracking_uri()
     parent = tracking.start_run(
         f"pipeline-{config.name}",
@@ -123,22 +124,35 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         tags={"vitray_stage": "pipeline"},
         uri=uri,
     )
-    mlflow = tracking.client(uri)
+    with tracking.ending(parent, uri):
+        return _run_stages(config, parent, tracking.client(uri))
+
+
+def _run_stages(config: PipelineConfig, parent: str, mlflow: Any) -> dict[str, Any]:
+    """The stages in order. A stage runs again when its inputs changed, data included: the
+    source's files (listing fingerprint) for prepare, few-shot and fine-tuning, the prepared
+    shards' checksum for pretraining."""
+    cache = StageCache(Path(config.state_dir) / config.name / "state.json")
 
     def adopt(run_id: str) -> None:
-        """Hang a stage's run below this invocation's parent run."""
+        """Hang a stage's run below this invocation's parent run (a reused one too)."""
         mlflow.set_tag(run_id, PARENT_TAG, parent)
+
+    def adopt_sweep(outcomes: list[dict[str, Any]]) -> None:
+        """A fine-tuning sweep's run: the parent of its per-dataset runs."""
+        if outcomes:
+            adopt(mlflow.get_run(outcomes[0]["run_id"]).data.tags[PARENT_TAG])
 
     source = config.pretrain.dataset
     # Absolute: Ray Data tasks on other nodes do not share this driver's working directory.
     prepared_dir = str(Path(config.data_dir).resolve() / source)
-    cache.run(
+    prepared = cache.run(
         "prepare",
-        {"source": source, "output": prepared_dir},
+        {"source": source, "output": prepared_dir, "data": fingerprint(source)},
         lambda: prepare(PrepareConfig(source=source, output=prepared_dir)),
     )
     pretrain_key, pretrain_config = keyed_pretrain(
-        dataclasses.replace(config.pretrain, dataset=prepared_dir)
+        dataclasses.replace(config.pretrain, dataset=prepared_dir), prepared["checksum"]
     )
     pretrained = cache.run(
         "pretrain",
@@ -154,6 +168,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         lambda: run_analysis(checkpoint, prepared_dir, experiment=config.experiment),
     )
     adopt(analysed["run_id"])
+    downstream = {d: fingerprint(d) for d in config.finetune.datasets}
     fewshot = {}
     for dataset in config.finetune.datasets:
         result = cache.run(
@@ -162,6 +177,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                 "checkpoint": checkpoint,
                 "shots": config.fewshot_shots,
                 "seeds": config.fewshot_seeds,
+                "data": downstream[dataset],
             },
             lambda d=dataset: run_fewshot(
                 checkpoint, d, config.fewshot_shots, config.fewshot_seeds
@@ -172,17 +188,19 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     tune_config = dataclasses.replace(config.finetune, checkpoint=checkpoint)
     transferred = cache.run(
         "finetune",
-        tracking.config_hash(tune_config),
+        {"config": tracking.config_hash(tune_config), "data": downstream},
         lambda: finetune.run(tune_config, parent_run_id=parent),
     )
+    adopt_sweep(transferred)
     scratch: list[dict[str, Any]] = []
     if config.scratch_baseline:
         scratch_config = dataclasses.replace(tune_config, from_scratch=True, register=False)
         scratch = cache.run(
             "scratch",
-            tracking.config_hash(scratch_config),
+            {"config": tracking.config_hash(scratch_config), "data": downstream},
             lambda: finetune.run(scratch_config, parent_run_id=parent),
         )
+        adopt_sweep(scratch)
     banner("serve")
     models = champions([o["dataset"] for o in transferred])
     url = deploy(
@@ -202,7 +220,6 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     }
     mlflow.log_dict(parent, summary, "summary.json")
     mlflow.log_text(parent, format_summary(summary), "summary.md")
-    mlflow.set_terminated(parent)
     return summary
 
 

@@ -223,15 +223,18 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
     assert "succeeded" in again
 
 
-def test_a_changed_pretraining_config_starts_a_new_ray_train_run() -> None:
-    """Same config, same run (a crashed stage resumes); another config, another run."""
+def test_a_changed_pretraining_config_or_data_starts_a_new_ray_train_run() -> None:
+    """Same config and data, same run (a crashed stage resumes); other ones, another run."""
     demo = load_config(str(ROOT / "configs/pretrain_demo.py"), smoke=True, overrides=[])
-    key, named = keyed_pretrain(demo)
-    assert keyed_pretrain(demo) == (key, named)
+    key, named = keyed_pretrain(demo, "data-1")
+    assert keyed_pretrain(demo, "data-1") == (key, named)
     assert named.run_name.startswith(demo.run_name)
-    changed_key, changed = keyed_pretrain(dataclasses.replace(demo, learning_rate=3e-4))
-    assert changed_key != key
-    assert changed.run_name != named.run_name
+    for other_key, other in (
+        keyed_pretrain(dataclasses.replace(demo, learning_rate=3e-4), "data-1"),
+        keyed_pretrain(demo, "data-2"),  # the same source, prepared again after it changed
+    ):
+        assert other_key != key
+        assert other.run_name != named.run_name
 
 
 def test_a_checkpoint_in_object_storage_reaches_later_stages_as_a_local_folder(
