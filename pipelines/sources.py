@@ -18,6 +18,7 @@ import json
 import math
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,16 @@ def split_names(values: Iterable[str | None], where: str) -> list[str]:
             raise ValueError(f"{where}: split {value!r} is not one of {sorted(SPLIT_ALIASES)}")
         names.append(name)
     return names
+
+
+def split_of_path(rel: str) -> str | None:
+    """The split a file's path names, as Hugging Face and folder layouts do:
+    ``train/part-0.parquet``, ``data/test-00000-of-00001.parquet``, ``validation.parquet``."""
+    *folders, name = rel.lower().split("/")
+    for folder in folders:
+        if folder in SPLIT_ALIASES:
+            return SPLIT_ALIASES[folder]
+    return SPLIT_ALIASES.get(re.split(r"[-_.]", name, maxsplit=1)[0])
 
 
 def assign_splits(
@@ -476,7 +487,9 @@ class ParquetSource:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             rels = (i.path[len(path) + 1 :] for i in infos if i.type == pafs.FileType.File)
             files = tuple(
-                (r, None) for r in sorted(rels) if r.endswith(".parquet") and not is_hidden(r)
+                (r, split_of_path(r))
+                for r in sorted(rels)
+                if r.endswith(".parquet") and not is_hidden(r)
             )
         if not files:
             raise FileNotFoundError(f"{path}: no Parquet files")
@@ -527,7 +540,10 @@ class ParquetSource:
         """One Ray task per file streams its record batches; shards known to hold another split
         are not opened. (``ray.data.read_parquet`` costs 4-10 s of planning per read in Ray 2.60,
         more than reading a small dataset, and cannot number the rows of keyless files.)"""
-        files = [rel for rel, s in self.files if split is None or s in (None, split)]
+        missing = frozenset({"dev", "test"}) - self.declared_splits()
+        # A train file also holds the splits carved out of it; a file of another split, only its.
+        holds = {split, "train"} if split in missing else {split}
+        files = [rel for rel, s in self.files if split is None or s is None or s in holds]
         if not files:
             return empty_rows()
         index = None
@@ -540,24 +556,26 @@ class ParquetSource:
             columns=[c for c in ("key", "image", "label", "split") if c in self.schema.names],
             label_index=index,
             fractions=fractions,
-            missing=frozenset({"dev", "test"}) - self.declared_splits(),
+            missing=missing,
             keep=split,
+            file_splits=dict(self.files),
         )
         return _ReadUnits("ParquetShards", read, files).dataset()
 
     def declared_splits(self) -> frozenset[str]:
-        """The splits the ``split`` column names (none without one): from the manifest's counts
-        where it has them, else read from that column alone."""
+        """The splits the files' names and the ``split`` column name: the column's from the
+        manifest's counts where it has them, else read from that column alone."""
+        named = frozenset(s for _, s in self.files if s is not None)
         if "split" not in self.schema.names:
-            return frozenset()
+            return named
         if "counts" in self.manifest:
-            return frozenset(self.manifest["counts"])
+            return named | frozenset(self.manifest["counts"])
         values: set[str | None] = set()
         for rel, _ in self.files:
             with self.fs.open_input_file(f"{self.root}/{rel}") as f:
                 column = pq.read_table(f, columns=["split"]).column(0)
             values.update(pc.unique(column).to_pylist())
-        return frozenset(split_names(values, self.name))
+        return named | frozenset(split_names(values, self.name))
 
 
 def _image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -575,12 +593,13 @@ def _parquet_rows(
     fractions: SplitFractions,
     missing: frozenset[str],
     keep: str | None,
+    file_splits: Mapping[str, str | None],
 ) -> Iterator[pa.Table]:
     """One Parquet file -> rows, one record batch at a time.
 
     Keyless rows are keyed ``<file>#<row index>``. A split column is trusted (aliases such as
-    "validation" mapped); the splits it lacks (``missing``) are hashed out of its train rows,
-    as every split is when there is no such column.
+    "validation" mapped), else the split the file's name gives (``file_splits``), else train;
+    the splits none of the data names (``missing``) are hashed out of the train rows.
     """
     offset = 0
     with fs.open_input_file(f"{root}/{rel}") as f:
@@ -596,6 +615,6 @@ def _parquet_rows(
             if "split" in columns:
                 declared = split_names(rb.column("split").to_pylist(), f"{root}/{rel}")
             else:
-                declared = ["train"] * rb.num_rows
+                declared = [file_splits.get(rel) or "train"] * rb.num_rows
             splits = assign_splits(keys, declared, missing, fractions)
             yield _rows(keys, _image_bytes(rb.column("image")), labels, splits, keep)

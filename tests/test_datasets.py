@@ -235,6 +235,26 @@ def test_parquet_without_a_dev_split_gets_one_from_its_train_rows(tmp_path: Path
     assert 15 < len(dev) < 45 and not dev & declared_test  # about a tenth of train
 
 
+def test_parquet_files_named_by_split_keep_their_split(tmp_path: Path) -> None:
+    """The Hugging Face layout: no split column, the split in each file's name."""
+    for split, start, count in (("train", 0, 300), ("test", 300, 100)):
+        table = pa.table(
+            {
+                "key": [f"k{i}" for i in range(start, start + count)],
+                "image": [bytes([i % 256]) for i in range(start, start + count)],
+                "label": [i % 2 for i in range(start, start + count)],
+            }
+        )
+        pq.write_table(table, tmp_path / f"{split}-00000-of-00001.parquet")
+    splits = {key: split for key, (_, _, split) in rows(read_dataset(str(tmp_path))).items()}
+    declared_test = {f"k{i}" for i in range(300, 400)}
+    assert {k for k, s in splits.items() if s == "test"} == declared_test
+    dev = {k for k, s in splits.items() if s == "dev"}
+    assert 15 < len(dev) < 45 and not dev & declared_test  # carved from train only
+    assert set(rows(read_dataset(str(tmp_path), "test"))) == declared_test
+    assert set(rows(read_dataset(str(tmp_path), "dev"))) == dev
+
+
 def test_unknown_split_values_are_named_in_the_error(tmp_path: Path) -> None:
     table = pa.table({"image": [b"x", b"y"], "label": [0, 1], "split": ["train", "holdout"]})
     pq.write_table(table, tmp_path / "data.parquet")
