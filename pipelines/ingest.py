@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from vit.config import ViTConfig
 from vit.patches import patchify
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG and TIFF greyscale
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -76,7 +77,13 @@ def image_to_tokens(
     (evaluation and serving) the image is resized and centre-cropped as the checkpoint's
     preprocessing says. Raises `BadImageError` for anything that is not a usable image.
     """
-    image = _decode(data, max_image_pixels, config.image_size)
+    target = config.image_size
+    if augmentation is not None:
+        # A random crop may keep as little as `crop_scale[0]` of the area: decode large enough
+        # that even that crop is still shrunk to the model's size, not enlarged.
+        grow = 1 / math.sqrt(augmentation.crop_scale[0])
+        target = (math.ceil(target[0] * grow), math.ceil(target[1] * grow))
+    image = _decode(data, max_image_pixels, target)
     image = _to_channels(image, config.in_channels)
     height, width = config.image_size
     resample = _RESAMPLE[config.preprocessing.interpolation]
@@ -113,9 +120,14 @@ def _decode(data: bytes, max_pixels: int, target: tuple[int, int]) -> Image.Imag
 
 
 def _to_channels(image: Image.Image, channels: int) -> Image.Image:
-    """Grey, palette and transparent images become what the model expects (alpha on white)."""
+    """Grey (8 or 16 bits), palette and transparent images become what the model expects
+    (alpha on white)."""
     if channels not in (1, 3):
         raise ValueError(f"images can feed 1 or 3 channels, not {channels}")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's conversion clips these at 255, turning most of a 16-bit image white.
+        pixels = np.rint(np.asarray(image, dtype=np.float64) / 257)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -59,6 +59,17 @@ def test_transparent_pixels_are_composited_on_white() -> None:
     assert (tokens == 255).all()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(channels: int) -> None:
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # dark to bright
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")  # a 16-bit greyscale PNG
+    tokens = image_to_tokens(buffer.getvalue(), config(in_channels=channels))
+    image = tokens.reshape(4, 4, 8, 8, channels).transpose(0, 2, 1, 3, 4).reshape(32, 32, -1)
+    expected = np.rint(ramp / 257).astype(np.uint8)
+    assert np.abs(image[..., 0].astype(int) - expected).max() <= 1
+
+
 def test_centre_crop_removes_the_border_and_resize_keeps_the_aspect() -> None:
     framed = np.zeros((48, 64, 3), np.uint8)
     framed[8:40, 16:48] = 200  # a 32x32 centre square on a black frame
