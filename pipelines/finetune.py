@@ -129,8 +129,24 @@ def format_table(outcomes: list[DatasetOutcome]) -> str:
 
 
 def _model_config(pretrained: ViTConfig, config: FinetuneConfig, num_classes: int) -> ViTConfig:
-    size = config.image_size or pretrained.image_size
-    return pretrained.replace(num_classes=num_classes, representation_size=None, image_size=size)
+    """The fine-tuning model: a new head, and the resolution asked for.
+
+    At another resolution the evaluation resize (`resize_size`, if any) scales with the crop,
+    keeping the share of the image the centre crop shows; left as it was, a resize smaller than
+    the new crop would squash the whole image into it instead of cropping.
+    """
+    model = pretrained.replace(
+        num_classes=num_classes,
+        representation_size=None,
+        image_size=config.image_size or pretrained.image_size,
+    )
+    resize = pretrained.preprocessing.resize_size
+    if resize is None or model.image_size == pretrained.image_size:
+        return model
+    scale = min(model.image_size) / min(pretrained.image_size)
+    return model.replace(
+        preprocessing=replace(pretrained.preprocessing, resize_size=round(resize * scale))
+    )
 
 
 def _tokens(

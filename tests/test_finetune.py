@@ -12,6 +12,7 @@ from pipelines import finetune, tracking
 from pipelines.finetune import FinetuneConfig
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
+from vit.config import Preprocessing
 
 
 @pytest.fixture
@@ -110,3 +111,17 @@ def test_a_sweep_whose_trials_all_fail_leaves_no_run_running(
     assert statuses.pop("doomed-finetune") == "FAILED"  # the sweep
     assert statuses.pop("finetune-digits") == "FAILED"  # its dataset
     assert set(statuses.values()) == {"FAILED"}  # its one trial
+
+
+def test_a_higher_fine_tuning_resolution_scales_the_evaluation_resize() -> None:
+    """224 px models evaluated as resize 256 + centre crop 224 keep the same crop share at 384,
+    instead of having every photo squashed into the larger square."""
+    pretrained = ViTConfig(preprocessing=Preprocessing(resize_size=256))
+    at_384 = finetune._model_config(pretrained, FinetuneConfig(checkpoint="-", image_size=384), 5)
+    assert at_384.image_size == (384, 384) and at_384.preprocessing.resize_size == 439
+    assert at_384.num_classes == 5 and at_384.representation_size is None
+    same = finetune._model_config(pretrained, FinetuneConfig(checkpoint="-"), 5)
+    assert same.preprocessing == pretrained.preprocessing
+    no_resize = ViTConfig()
+    at_384 = finetune._model_config(no_resize, FinetuneConfig(checkpoint="-", image_size=384), 5)
+    assert at_384.preprocessing.resize_size is None
