@@ -82,7 +82,7 @@ def test_row_cap_featurises_a_key_hash_subset(
         tiny_checkpoint, "digits", shots=(5,), seeds=1, max_train_rows=600, max_test_rows=200
     )
     assert 400 < result["train_rows"] < 800 and 100 < result["test_rows"] < 300
-    assert set(result["accuracy"]) == {5} and result["accuracy"][5][1] == 0.0
+    assert set(result["accuracy"]) == {5} and 0.0 < result["accuracy"][5][0] <= 1.0
 
 
 def test_checkpoint_resolution_and_key_hash_filter(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -75,9 +75,16 @@ def test_import_registers_in_mlflow_and_exports(
     registered, _ = checkpoint.load(downloaded)
     assert registered.config == model.config
 
+    # With the zero head every output is 0, whatever the graph computes: export the model with
+    # a random head, so that the comparison covers the in-graph normalisation and the encoder.
+    torch.nn.init.normal_(model.head.weight)
+    random_head = tmp_path / "random-head"
+    checkpoint.save(model, random_head, class_names=meta.class_names)
     onnx_path = tmp_path / "vit.onnx"
-    assert export_job.main(["--checkpoint", str(out), "--onnx", str(onnx_path), "--uint8"]) == 0
+    argv = ["--checkpoint", str(random_head), "--onnx", str(onnx_path), "--uint8"]
+    assert export_job.main(argv) == 0
     pixels = example_input(model, 4, torch.uint8)
+    assert model(pixels).std() > 0.01
     assert check_onnx_parity(model, onnx_path, pixels) < 1e-4
 
 
