@@ -34,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
 from pipelines.ingest import IngestConfig, start_error_tracker, to_tokens
-from pipelines.training import resolve_checkpoint, warmup_then_decay
+from pipelines.training import autocast, resolve_checkpoint, warmup_then_decay
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
@@ -62,6 +62,7 @@ class FinetuneConfig:
     reduction_factor: int = 4  # ASHA keeps the best 1/reduction_factor at each rung
     from_scratch: bool = False
     cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # a GPU, or a share of one: trials then train on CUDA in bf16
     max_concurrent_trials: int | None = None
     storage_path: str = "runs/tune"
     sweep_name: str = "finetune"
@@ -188,7 +189,7 @@ def _tune_dataset(
             for split in SELECTION_SPLITS
         }
         trainable = tune.with_parameters(
-            tune.with_resources(_trial, {"CPU": config.cpus_per_trial}),
+            tune.with_resources(_trial, _trial_resources(config)),
             config=config,
             model_config=model_config,
             train=data["train"],
@@ -296,13 +297,16 @@ def _close_stopped_trials(mlflow: Any, dataset_run: str) -> None:
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def _predict(model: VisionTransformer, data: dict[str, np.ndarray], batch: int = 512) -> np.ndarray:
-    """Predicted class of every row of {"tokens", "label"}, in eval mode."""
+    """Predicted class of every row of {"tokens", "label"}, in eval mode, on the model's device."""
     model.eval()
-    chunks = [
-        model(torch.from_numpy(data["tokens"][start : start + batch])).argmax(-1).numpy()
-        for start in range(0, len(data["label"]), batch)
-    ]
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(data["label"]), batch):
+        tokens = torch.from_numpy(data["tokens"][start : start + batch]).to(device)
+        with autocast(device):
+            chunks.append(model(tokens).argmax(-1).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
@@ -356,6 +360,9 @@ def _trial(
             saved = torch.load(Path(directory) / "trial_state.pt", weights_only=True)
     else:
         model = _initial_model(config, model_config)
+    gpu = config.gpus_per_trial > 0 and torch.cuda.is_available()  # Tune set the visible one
+    device = torch.device("cuda" if gpu else "cpu")
+    model.to(device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=learning_rate, momentum=config.momentum, weight_decay=0.0
     )
@@ -384,9 +391,11 @@ def _trial(
     try:
         while step < config.steps:
             index = rng.choice(count, size=batch, replace=False)
-            tokens = torch.from_numpy(train["tokens"][index])
-            labels = torch.from_numpy(train["label"][index])
-            loss = torch.nn.functional.cross_entropy(model(tokens), labels)
+            tokens = torch.from_numpy(train["tokens"][index]).to(device)
+            labels = torch.from_numpy(train["label"][index]).to(device)
+            with autocast(device):
+                logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at step {step} (lr {learning_rate})"
@@ -429,6 +438,13 @@ def _trial(
     except Exception:
         mlflow.set_terminated(run_id, "FAILED")
         raise
+
+
+def _trial_resources(config: FinetuneConfig) -> dict[str, float]:
+    resources = {"CPU": config.cpus_per_trial}
+    if config.gpus_per_trial:
+        resources["GPU"] = config.gpus_per_trial
+    return resources
 
 
 def _initial_model(config: FinetuneConfig, model_config: ViTConfig) -> VisionTransformer:
