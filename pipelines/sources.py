@@ -543,7 +543,7 @@ class ParquetSource:
         missing = frozenset({"dev", "test"}) - self.declared_splits()
         # A train file also holds the splits carved out of it; a file of another split, only its.
         holds = {split, "train"} if split in missing else {split}
-        files = [rel for rel, s in self.files if split is None or s is None or s in holds]
+        files = [f for f in self.files if split is None or f[1] is None or f[1] in holds]
         if not files:
             return empty_rows()
         index = None
@@ -558,7 +558,6 @@ class ParquetSource:
             fractions=fractions,
             missing=missing,
             keep=split,
-            file_splits=dict(self.files),
         )
         return _ReadUnits("ParquetShards", read, files).dataset()
 
@@ -584,7 +583,7 @@ def _image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArr
 
 
 def _parquet_rows(
-    rel: str,
+    file: tuple[str, str | None],
     *,
     fs: pafs.FileSystem,
     root: str,
@@ -593,14 +592,15 @@ def _parquet_rows(
     fractions: SplitFractions,
     missing: frozenset[str],
     keep: str | None,
-    file_splits: Mapping[str, str | None],
 ) -> Iterator[pa.Table]:
-    """One Parquet file -> rows, one record batch at a time.
+    """One Parquet file (its path below root, and the split its name gives) -> rows, one record
+    batch at a time.
 
     Keyless rows are keyed ``<file>#<row index>``. A split column is trusted (aliases such as
-    "validation" mapped), else the split the file's name gives (``file_splits``), else train;
-    the splits none of the data names (``missing``) are hashed out of the train rows.
+    "validation" mapped), else the split the file's name gives, else train; the splits none of
+    the data names (``missing``) are hashed out of the train rows.
     """
+    rel, file_split = file
     offset = 0
     with fs.open_input_file(f"{root}/{rel}") as f:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
@@ -615,6 +615,6 @@ def _parquet_rows(
             if "split" in columns:
                 declared = split_names(rb.column("split").to_pylist(), f"{root}/{rel}")
             else:
-                declared = [file_splits.get(rel) or "train"] * rb.num_rows
+                declared = [file_split or "train"] * rb.num_rows
             splits = assign_splits(keys, declared, missing, fractions)
             yield _rows(keys, _image_bytes(rb.column("image")), labels, splits, keep)
