@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     params: dict[str, str | int] = {"top_k": args.top_k}
     if args.model:
         params["model"] = args.model
+        # Serve routes a request carrying this header to a replica that has the model loaded.
+        headers["serve_multiplexed_model_id"] = args.model
     failed = False
     for path in args.images:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -45,20 +47,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: {error}", file=sys.stderr)
             failed = True
             continue
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
         if response.status_code != 200:
-            try:
-                reason = response.json().get("detail", response.text)
-            except ValueError:
-                reason = response.text
-            print(f"{path}: HTTP {response.status_code}: {reason}", file=sys.stderr)
+            reason = body.get("detail") if isinstance(body, dict) else None
+            print(
+                f"{path}: HTTP {response.status_code}: {reason or response.text}", file=sys.stderr
+            )
             failed = True
             continue
-        body = response.json()
-        model = body["model"]
-        print(f"{path}  ({model['name']} v{model['version']}, {body['latency_ms']} ms)")
-        for rank, prediction in enumerate(body["predictions"], 1):
-            print(f"  {rank}. {prediction['label']:<24} {prediction['score']:.4f}")
+        try:
+            print(_table(path, body))
+        except (TypeError, KeyError):
+            print(
+                f"{path}: not a prediction from a vitray endpoint: {response.text}", file=sys.stderr
+            )
+            failed = True
     return 1 if failed else 0
+
+
+def _table(path: Path, body: dict) -> str:
+    """The top-k table of one answer."""
+    model = body["model"]
+    lines = [f"{path}  ({model['name']} v{model['version']}, {body['latency_ms']} ms)"]
+    for rank, prediction in enumerate(body["predictions"], 1):
+        lines.append(f"  {rank}. {prediction['label']:<24} {prediction['score']:.4f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

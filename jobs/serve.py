@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from jobs.common import connect
 from pipelines.serve import ServeConfig, champions, deploy, undeploy
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, reference = item.partition("=")
         if not name or not reference:
             parser.error(f"--model takes NAME=REF (a checkpoint or models:/ URI), got {item!r}")
-        models[name] = reference
+        # A path is read by replicas whose working directory is not this one.
+        models[name] = reference if "://" in reference else str(Path(reference).resolve())
     if not models:
         parser.error("name at least one model with --datasets or --model")
     if args.detach and args.address is None:

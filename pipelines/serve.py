@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from mlflow.exceptions import MlflowException
 from ray import serve
 
 from pipelines import tracking
@@ -77,18 +78,34 @@ class LoadedModel:
     identity: dict[str, Any]
 
 
+def _registry_version(reference: str) -> Any:
+    """The registered model version a `models:/name@alias` or `models:/name/N` URI names."""
+    mlflow = tracking.client()
+    spec = reference.removeprefix("models:/")
+    if "@" in spec:
+        return mlflow.get_model_version_by_alias(*spec.split("@", 1))
+    return mlflow.get_model_version(*spec.rsplit("/", 1))
+
+
+def check_reference(reference: str) -> None:
+    """Raise unless the reference names a readable checkpoint or an existing model version.
+
+    Replicas check their whole table when they start, so a deployment with a mistyped path or a
+    missing alias never becomes healthy (and a redeploy leaves the old replicas serving) instead
+    of failing every request for that model.
+    """
+    if reference.startswith("models:/"):
+        _registry_version(reference)
+    else:
+        vit_checkpoint.read_metadata(reference)
+
+
 def resolve_model(reference: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     """A checkpoint directory for a local path or a `models:/name@alias` / `models:/name/N` URI."""
     if not reference.startswith("models:/"):
         return Path(reference), {"source": reference, "version": None, "run_id": None}
-    mlflow = tracking.client()
-    spec = reference.removeprefix("models:/")
-    if "@" in spec:
-        name, alias = spec.split("@", 1)
-        version = mlflow.get_model_version_by_alias(name, alias)
-    else:
-        name, number = spec.rsplit("/", 1)
-        version = mlflow.get_model_version(name, number)
+    version = _registry_version(reference)
+    name = version.name
     # download_artifacts keeps the artifact folder's own name under the destination. Version
     # numbers restart in every registry, so the run id (unique) is part of the cache key.
     target = cache_dir / f"{name}-v{version.version}-{version.run_id}"
@@ -147,11 +164,27 @@ def api_token() -> str | None:
     """The bearer token requests must carry, or None for none.
 
     Set but empty (say ``$(cat missing-file)``) is an error: it must never mean "no token".
+    Surrounding whitespace (a token file's newline) is not part of it.
     """
     token = os.environ.get(TOKEN_ENV)
     if token is not None and not token.strip():
         raise ValueError(f"{TOKEN_ENV} is set but empty; unset it or give it a token")
-    return token
+    return token.strip() if token is not None else None
+
+
+def model_cache_dir() -> Path:
+    """Where registry models are downloaded: `$VITRAY_MODEL_CACHE`, else a folder of this user's
+    in the temp dir. Replicas trust what they find there, so it must be private to this user."""
+    default = Path(tempfile.gettempdir()) / f"vitray-models-{os.getuid()}"
+    directory = Path(os.environ.get("VITRAY_MODEL_CACHE", default))
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = directory.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise PermissionError(
+            f"model cache {directory} must belong to this user with mode 0700 (it holds the "
+            "checkpoints replicas load without further checks)"
+        )
+    return directory
 
 
 def _error(status: int, reason: str) -> HTTPException:
@@ -166,8 +199,10 @@ class ViTService:
         self.device = torch.device(
             "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
         )
-        self.cache_dir = Path(os.environ.get("VITRAY_MODEL_CACHE", "/tmp/vitray-models"))
+        self.cache_dir = model_cache_dir()
         self.token = api_token()
+        for reference in config.models.values():
+            check_reference(reference)
         self.forward_passes = 0
         self.images_forwarded = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # the latest
@@ -181,7 +216,11 @@ class ViTService:
         reference = self.config.models.get(name)
         if reference is None:
             raise _error(404, f"unknown model {name!r}; known: {sorted(self.config.models)}")
-        return await asyncio.to_thread(load_model, name, reference, self.device, self.cache_dir)
+        try:
+            return await asyncio.to_thread(load_model, name, reference, self.device, self.cache_dir)
+        except (vit_checkpoint.CheckpointError, MlflowException, OSError) as error:
+            # Checked at start, so gone since: a deleted checkpoint, the registry unreachable.
+            raise _error(503, f"model {name!r} cannot be loaded now: {error}") from None
 
     async def _model_for(self, requested: str | None) -> LoadedModel:
         name = requested or serve.get_multiplexed_model_id() or self.config.default_model
@@ -220,10 +259,18 @@ class ViTService:
         if not 1 <= top_k <= limit:
             raise _error(422, f"top_k must be between 1 and {limit}, got {top_k}")
 
-    def _tokenize(self, loaded: LoadedModel, images: list[bytes]) -> list[np.ndarray]:
-        """Decode every image with the checkpoint's preprocessing, or 422 naming the bad one."""
+    async def _tokenize(self, loaded: LoadedModel, images: list[bytes]) -> list[np.ndarray]:
+        """Decode every image with the checkpoint's preprocessing, or 422 naming the bad one.
+
+        Decoding runs on the event loop (a worker thread would fight the forward pass for the
+        GIL), but yields to it between images: a batch of 32 flat PNGs of 40 MP each (1.3 s to
+        decode apiece) would otherwise hold it past Serve's 30 s health-check timeout, and the
+        check runs on this loop too.
+        """
         tokens = []
         for index, data in enumerate(images):
+            if index:
+                await asyncio.sleep(0)
             try:
                 tokens.append(
                     image_to_tokens(
@@ -292,8 +339,8 @@ class ViTService:
     def _authorise(self, request: Request) -> None:
         if self.token is None:
             return
-        header = request.headers.get("authorization", "")
-        supplied = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        supplied = credentials.strip() if scheme.lower() == "bearer" else ""  # RFC 7235: any case
         if not hmac.compare_digest(supplied.encode(), self.token.encode()):
             raise _error(401, "missing or wrong bearer token")
 
@@ -349,7 +396,7 @@ class ViTService:
     def _json_images(body: bytes, options: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except ValueError as error:  # bad syntax or UTF-8, or an integer of over 4,300 digits
             raise _error(400, f"malformed JSON: {error}") from None
         except RecursionError:  # e.g. 100,000 nested brackets, well under the body limit
             raise _error(400, "malformed JSON: nested too deeply") from None
@@ -413,7 +460,7 @@ class ViTService:
         self._check_top_k(loaded, top_k)
         with_attention = self._bool_option(options, "attention")
         start = time.perf_counter()
-        tokens = self._tokenize(loaded, images)
+        tokens = await self._tokenize(loaded, images)
         [predictions] = await self._predict(loaded, tokens, top_k)
         body = {"predictions": predictions, "model": self._identity(loaded)}
         if with_attention:
@@ -436,7 +483,7 @@ class ViTService:
         loaded = await self._model_for(self._str_option(options, "model"))
         top_k = self._int_option(options, "top_k", 5)
         self._check_top_k(loaded, top_k)
-        results = await self._predict(loaded, self._tokenize(loaded, images), top_k)
+        results = await self._predict(loaded, await self._tokenize(loaded, images), top_k)
         return JSONResponse(
             {"results": [{"predictions": p} for p in results], "model": self._identity(loaded)}
         )

@@ -122,8 +122,16 @@ def dds_with_unknown_pixel_format() -> bytes:
     return bytes(data)
 
 
+def valid_pcx() -> bytes:
+    """A well-formed image in a format Pillow reads but uploads may not use."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, format="PCX")
+    return buffer.getvalue()
+
+
 BAD_INPUTS = {
     "empty": b"",
+    "pcx, a format outside IMAGE_FORMATS": valid_pcx(),
     "truncated": truncated_png(),
     "text": b"this is not an image\n",
     "dds": dds_with_unknown_pixel_format(),

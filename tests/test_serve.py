@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import socket
 import struct
 import threading
@@ -19,13 +20,21 @@ import pytest
 import requests
 import sklearn.datasets
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 from ray import serve
 
 from jobs import query
 from pipelines import tracking
 from pipelines.ingest import image_to_tokens
-from pipelines.serve import TOKEN_ENV, ServeConfig, build_app, resolve_model
+from pipelines.serve import (
+    TOKEN_ENV,
+    ServeConfig,
+    build_app,
+    check_reference,
+    model_cache_dir,
+    resolve_model,
+)
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 from vit.analysis import attention_rollout_map
@@ -237,6 +246,13 @@ def hostile_requests() -> dict[str, tuple[dict, int]]:
             400,
         ),
         "bad base64": (dict(json={"image": "***not base64***"}), 400),
+        "json integer of 5,000 digits": (
+            dict(
+                data=b'{"image": "' + encoded.encode() + b'", "top_k": ' + b"7" * 5000 + b"}",
+                headers={"Content-Type": "application/json"},
+            ),
+            400,
+        ),
         "json nested too deeply": (
             dict(data=b"[" * 100_000, headers={"Content-Type": "application/json"}),
             400,
@@ -302,7 +318,7 @@ def test_a_token_protects_predictions_and_stats(
     monkeypatch.setenv(TOKEN_ENV, "")
     with pytest.raises(ValueError, match="set but empty"):
         build_app(SERVE_CONFIG)  # an empty token must not mean "no token"
-    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    monkeypatch.setenv(TOKEN_ENV, "s3cret\n")  # as `$(cat token-file)` may leave it
     secured = replace(SERVE_CONFIG, num_cpus=0)  # beside the main app on the 2 test CPUs
     serve.run(build_app(secured), name="vitray-token", route_prefix="/secure")
     try:
@@ -314,10 +330,10 @@ def test_a_token_protects_predictions_and_stats(
         )
         assert requests.get(f"{url}/secure/v1/stats", timeout=30).status_code == 401
         assert requests.get(f"{url}/secure/v1/health", timeout=30).status_code == 200
-        right = {"Authorization": "Bearer s3cret", "Content-Type": "image/jpeg"}
-        assert (
-            post(f"{url}/secure/v1/predict", data=image["data"], headers=right).status_code == 200
-        )
+        for scheme in ("Bearer", "bearer"):  # the scheme is case-insensitive (RFC 7235)
+            right = {"Authorization": f"{scheme} s3cret", "Content-Type": "image/jpeg"}
+            answer = post(f"{url}/secure/v1/predict", data=image["data"], headers=right)
+            assert answer.status_code == 200, answer.text
     finally:
         serve.delete("vitray-token")
 
@@ -390,3 +406,44 @@ def test_redeploy_after_the_alias_moves_serves_the_new_version_without_failed_re
     assert len(seen) > 10
     assert {code for code, _ in seen} == {200}
     assert {version for _, version in seen} <= {"1", "2"}
+
+
+def test_a_model_whose_checkpoint_vanished_gets_a_503_with_the_reason(
+    endpoint: tuple[str, Path],
+) -> None:
+    url, tmp = endpoint
+    checkpoint = shutil.copytree(tmp / "tux", tmp / "soon-gone")
+    config = replace(SERVE_CONFIG, models={"vit-gone": str(checkpoint)}, default_model="vit-gone")
+    serve.run(build_app(replace(config, num_cpus=0)), name="vitray-gone", route_prefix="/gone")
+    try:
+        shutil.rmtree(checkpoint)  # after the replica checked it, before its first request
+        image = dict(data=real_images()[0], headers={"Content-Type": "image/jpeg"})
+        response = post(f"{url}/gone/v1/predict", **image)
+        assert response.status_code == 503, response.text
+        assert "vit-gone" in response.json()["detail"]
+        assert requests.get(f"{url}/gone/v1/health", timeout=30).status_code == 200
+    finally:
+        serve.delete("vitray-gone")
+
+
+def test_a_replica_checks_every_model_reference_when_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped path or a missing alias fails the deployment, not each request later."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(vit_checkpoint.CheckpointError, match=r"vit\.json is missing"):
+        check_reference(str(tmp_path / "no-such-checkpoint"))
+    with pytest.raises(MlflowException):
+        check_reference("models:/vit-nothing@champion")
+
+
+def test_the_model_cache_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas load what they find in the cache: nobody else may write there."""
+    monkeypatch.setenv("VITRAY_MODEL_CACHE", str(tmp_path / "fresh"))
+    assert model_cache_dir().stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("VITRAY_MODEL_CACHE", str(shared))
+    with pytest.raises(PermissionError, match="mode 0700"):
+        model_cache_dir()

@@ -94,6 +94,14 @@ def read_metadata(path: str | os.PathLike[str]) -> CheckpointMetadata:
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{file} holds an invalid model config: {error}") from None
     names = data.get("class_names")
+    if names and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+        or len(names) != config.num_classes
+    ):
+        raise CheckpointError(
+            f"{file}: class_names must be {config.num_classes} strings, one per output class"
+        )
     return CheckpointMetadata(config, tuple(names) if names else None, data.get("provenance", {}))
 
 

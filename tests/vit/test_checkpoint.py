@@ -91,6 +91,11 @@ def test_a_config_that_does_not_match_the_weights_names_the_tensors(tmp_path: Pa
     assert "shape mismatches" in str(error.value)
 
 
+def _edit_metadata(directory: Path, **fields: object) -> None:
+    data = json.loads((directory / "vit.json").read_text())
+    (directory / "vit.json").write_text(json.dumps({**data, **fields}))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -102,6 +107,10 @@ def test_a_config_that_does_not_match_the_weights_names_the_tensors(tmp_path: Pa
         (
             lambda d: (d / "vit.json").write_text('{"format_version": 1, "config": {"depht": 1}}'),
             "invalid model config.*depht",
+        ),
+        (
+            lambda d: _edit_metadata(d, class_names=["only one"]),
+            "class_names must be 3 strings",
         ),
     ],
 )
