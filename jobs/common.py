@@ -37,7 +37,10 @@ def load_config(path: str, smoke: bool, overrides: list[str]) -> Any:
 def _override(config: Any, path: list[str], text: str, item: str) -> Any:
     """Replace the field at a dotted path (`pretrain.num_workers`) in nested frozen dataclasses."""
     name, rest = path[0], path[1:]
-    if not dataclasses.is_dataclass(config) or not hasattr(config, name):
+    fields = (
+        {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else ()
+    )
+    if name not in fields:  # a property such as `grid_size` is not a field
         raise SystemExit(f"--set {item}: {type(config).__name__} has no field {name!r}")
     current = getattr(config, name)
     value = _override(current, rest, text, item) if rest else _parse(text, current, item)

@@ -14,13 +14,16 @@ import sys
 
 import torch
 
+from pipelines.training import resolve_checkpoint
 from vit import checkpoint
 from vit.export import check_onnx_parity, example_input, export_onnx, export_program
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="vit checkpoint directory")
+    parser.add_argument(
+        "--checkpoint", required=True, help="vit checkpoint, or a pretraining run or checkpoint"
+    )
     parser.add_argument("--onnx", help="ONNX file to write")
     parser.add_argument("--program", help="torch.export program (.pt2) to write")
     parser.add_argument("--uint8", action="store_true", help="take uint8 pixels, not floats")
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.onnx or args.program):
         parser.error("name an output with --onnx and/or --program")
-    model, _ = checkpoint.load(args.checkpoint)
+    model, _ = checkpoint.load(resolve_checkpoint(args.checkpoint))
     dtype = torch.uint8 if args.uint8 else torch.float32
     if args.onnx:
         path = export_onnx(model, args.onnx, example_input(model, 2, dtype))

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
     parser.add_argument("--seeds", type=int, default=3, help="number of draws per shot count")
     parser.add_argument(
-        "--max-train-rows", type=int, default=20_000, help="cap on train rows featurised"
+        "--max-train-rows", type=int, default=20_000, help="cap on train rows featurised; 0: none"
     )
+    parser.add_argument("--max-test-rows", type=int, default=0, help="cap on test rows; 0: none")
     parser.add_argument("--dev-per-class", type=int, default=10, help="held out to pick L2")
     parser.add_argument("--experiment", default="vitray", help="MLflow experiment")
     parser.add_argument(
@@ -38,13 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1 or min(args.shots) < 1:
         parser.error("--seeds and --shots must be positive")
+    if args.dev_per_class < 0:
+        parser.error("--dev-per-class must be 0 (select L2 on the shots) or more")
+    if min(args.max_train_rows, args.max_test_rows) < 0:
+        parser.error("--max-train-rows and --max-test-rows take a count, or 0 for no cap")
     connect(args.address)
     result = run_fewshot(
         args.checkpoint,
         args.dataset,
         args.shots,
         args.seeds,
-        max_train_rows=args.max_train_rows,
+        max_train_rows=args.max_train_rows or None,
+        max_test_rows=args.max_test_rows or None,
         dev_per_class=args.dev_per_class,
         experiment=args.experiment,
     )

@@ -149,28 +149,21 @@ def main(argv: list[str] | None = None) -> int:
         },
         "pos_embed_interpolation": model.config.pos_embed_interpolation,
     }
-    uri = tracking.tracking_uri() if args.register else None
-    run_id = None
-    if args.register:
-        run_id = tracking.start_run(
-            f"import-{args.register}",
-            experiment=args.experiment,
-            tags={"vitray_stage": "import", "vitray_source_format": args.source_format},
-            uri=uri,
-        )
+    if not args.register:
+        _save(model, weights, args, provenance)
+        return 0
+    uri = tracking.tracking_uri()
+    run_id = tracking.start_run(
+        f"import-{args.register}",
+        experiment=args.experiment,
+        tags={"vitray_stage": "import", "vitray_source_format": args.source_format},
+        uri=uri,
+    )
+    with tracking.ending(run_id, uri):
         provenance["mlflow_run_id"] = run_id
         tracking.log_params(run_id, {**provenance, "model": model.config.to_dict()}, uri)
-    directory = checkpoint.save(model, args.out, provenance=provenance)
-    config = model.config
-    print(
-        f"[import] {args.source_format} {weights.name}: {config.depth} blocks, width "
-        f"{config.width}, {config.num_heads} heads, patch {config.patch_size}, "
-        f"{config.image_size[0]}x{config.image_size[1]} px, {config.pooling} pooling, "
-        f"{config.num_classes} classes -> {directory}"
-    )
-    if run_id is not None:
-        mlflow = tracking.client(uri)
-        mlflow.log_artifacts(run_id, str(directory), "checkpoint")
+        directory = _save(model, weights, args, provenance)
+        tracking.client(uri).log_artifacts(run_id, str(directory), "checkpoint")
         version = tracking.register_model(
             args.register,
             run_id,
@@ -179,9 +172,23 @@ def main(argv: list[str] | None = None) -> int:
             alias=args.alias,
             uri=uri,
         )
-        mlflow.set_terminated(run_id)
-        print(f"[import] registered models:/{args.register}@{args.alias} (version {version})")
+    print(f"[import] registered models:/{args.register}@{args.alias} (version {version})")
     return 0
+
+
+def _save(
+    model: VisionTransformer, weights: Path, args: argparse.Namespace, provenance: dict[str, Any]
+) -> Path:
+    """Write the vitray checkpoint and say what was imported."""
+    directory = checkpoint.save(model, args.out, provenance=provenance)
+    config = model.config
+    print(
+        f"[import] {args.source_format} {weights.name}: {config.depth} blocks, width "
+        f"{config.width}, {config.num_heads} heads, patch {config.patch_size}, "
+        f"{config.image_size[0]}x{config.image_size[1]} px, {config.pooling} pooling, "
+        f"{config.num_classes} classes -> {directory}"
+    )
+    return directory
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def run_analysis(
 
     Returns {"run_id", "figures": [artifact paths], "mean_attention_distance": per-layer means}.
     """
-    directory = resolve_checkpoint(checkpoint_dir)
+    directory = resolve_checkpoint(checkpoint_dir).resolve()  # absolute: a lineage tag
     model, meta = vit_checkpoint.load(directory)
     model.eval()
     config = meta.config

@@ -51,6 +51,7 @@ def run_fewshot(
     batch_size: int = 256,
     device: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
     uri: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint_dir`` few-shot on ``dataset`` and log it as one MLflow run.
@@ -68,7 +69,13 @@ def run_fewshot(
     shot_list = [int(k) for k in shots]
     if not seed_list or not shot_list:
         raise ValueError("need at least one seed and one shot count")
-    directory = resolve_checkpoint(checkpoint_dir)
+    if dev_per_class < 0:  # a negative count would slice away every dev row
+        raise ValueError(f"dev_per_class must be 0 or more, got {dev_per_class}")
+    for name, cap in (("max_train_rows", max_train_rows), ("max_test_rows", max_test_rows)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{name} must be at least 1, or None for no cap; got {cap}")
+    # Absolute, so the run's lineage tags lead back to it from any directory or node.
+    directory = resolve_checkpoint(checkpoint_dir).resolve()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = vit_checkpoint.load(directory, map_location=device)
     info = describe(dataset)
@@ -78,7 +85,9 @@ def run_fewshot(
     if parent:
         tags["vitray_parent_checkpoint_run"] = str(parent)
     run_name = f"fewshot-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.start_run(run_name, experiment=experiment, tags=tags, uri=uri)
+    run_id = tracking.start_run(
+        run_name, experiment=experiment, parent_run_id=parent_run_id, tags=tags, uri=uri
+    )
     mlflow = tracking.client(uri)
     with tracking.ending(run_id, uri):
         params = {

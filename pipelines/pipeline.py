@@ -29,7 +29,7 @@ from pipelines.fewshot import run_fewshot
 from pipelines.finetune import FinetuneConfig
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.pretrain import PretrainConfig
-from pipelines.serve import ServeConfig, champions, deploy
+from pipelines.serve import ServeConfig, deploy
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -52,14 +52,20 @@ class PipelineConfig:
 
 
 class StageCache:
-    """Finished stages and the hash of their inputs, kept in a JSON file between runs."""
+    """Finished stages and the hash of their inputs, kept in a JSON file between runs.
 
-    def __init__(self, path: Path) -> None:
+    `context` is part of every stage's inputs: the MLflow store and experiment the results were
+    recorded in, whose run ids a reused result hands to the later stages.
+    """
+
+    def __init__(self, path: Path, context: dict[str, str]) -> None:
         self.path = path
+        self.context = context
         self.entries: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
 
     def run(self, stage: str, inputs: Any, compute: Callable[[], Any]) -> Any:
-        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode())
+        keyed = {"context": self.context, "inputs": inputs}
+        digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode())
         key = digest.hexdigest()[:16]
         entry = self.entries.get(stage)
         if entry and entry["inputs"] == key:
@@ -117,6 +123,14 @@ def local_checkpoint(pretrained: dict[str, Any], config: PretrainConfig, target:
 
 def run(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the summary."""
+    if not config.finetune.register:
+        raise ValueError("the serve stage serves the registered fine-tuned models: keep register")
+    # Every stage records into the pipeline's experiment, beside its parent run.
+    config = dataclasses.replace(
+        config,
+        pretrain=dataclasses.replace(config.pretrain, experiment=config.experiment),
+        finetune=dataclasses.replace(config.finetune, experiment=config.experiment),
+    )
     uri = tracking.tracking_uri()
     parent = tracking.start_run(
         f"pipeline-{config.name}",
@@ -125,14 +139,18 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         uri=uri,
     )
     with tracking.ending(parent, uri):
-        return _run_stages(config, parent, tracking.client(uri))
+        return _run_stages(config, parent, uri)
 
 
-def _run_stages(config: PipelineConfig, parent: str, mlflow: Any) -> dict[str, Any]:
+def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]:
     """The stages in order. A stage runs again when its inputs changed, data included: the
     source's files (listing fingerprint) for prepare, few-shot and fine-tuning, the prepared
     shards' checksum for pretraining."""
-    cache = StageCache(Path(config.state_dir) / config.name / "state.json")
+    mlflow = tracking.client(uri)
+    cache = StageCache(
+        Path(config.state_dir) / config.name / "state.json",
+        context={"tracking_uri": uri, "experiment": config.experiment},
+    )
 
     def adopt(run_id: str) -> None:
         """Hang a stage's run below this invocation's parent run (a reused one too)."""
@@ -165,7 +183,9 @@ def _run_stages(config: PipelineConfig, parent: str, mlflow: Any) -> dict[str, A
     analysed = cache.run(
         "analyze",
         {"checkpoint": checkpoint, "dataset": prepared_dir},
-        lambda: run_analysis(checkpoint, prepared_dir, experiment=config.experiment),
+        lambda: run_analysis(
+            checkpoint, prepared_dir, parent_run_id=parent, experiment=config.experiment
+        ),
     )
     adopt(analysed["run_id"])
     downstream = {d: fingerprint(d) for d in config.finetune.datasets}
@@ -180,7 +200,12 @@ def _run_stages(config: PipelineConfig, parent: str, mlflow: Any) -> dict[str, A
                 "data": downstream[dataset],
             },
             lambda d=dataset: run_fewshot(
-                checkpoint, d, config.fewshot_shots, config.fewshot_seeds
+                checkpoint,
+                d,
+                config.fewshot_shots,
+                config.fewshot_seeds,
+                experiment=config.experiment,
+                parent_run_id=parent,
             ),
         )
         adopt(result["run_id"])
@@ -202,7 +227,12 @@ def _run_stages(config: PipelineConfig, parent: str, mlflow: Any) -> dict[str, A
         )
         adopt_sweep(scratch)
     banner("serve")
-    models = champions([o["dataset"] for o in transferred])
+    # The versions this run registered, not whatever `@champion` names by now: a reused sweep's
+    # alias may since have moved to another run's model.
+    models = {
+        f"vit-{o['dataset']}": f"models:/vit-{o['dataset']}/{o['model_version']}"
+        for o in transferred
+    }
     url = deploy(
         ServeConfig(models=models, default_model=next(iter(models)), port=config.serve_port)
     )

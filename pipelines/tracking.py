@@ -69,12 +69,13 @@ def start_run(
 
 @contextlib.contextmanager
 def ending(run_id: str, uri: str | None = None) -> Iterator[None]:
-    """End ``run_id`` FINISHED when the block completes, FAILED when it raises (KILLED on Ctrl-C),
-    so a stage that dies never leaves its run RUNNING in the MLflow UI."""
+    """End ``run_id`` FINISHED when the block completes, FAILED when it raises, KILLED when the
+    process is told to stop (Ctrl-C; SIGTERM, which `ray job stop` sends and Ray's driver turns
+    into SystemExit), so a stage that dies never leaves its run RUNNING in the MLflow UI."""
     mlflow = client(uri)
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         mlflow.set_terminated(run_id, "KILLED")
         raise
     except BaseException:

@@ -99,3 +99,18 @@ def test_checkpoint_resolution_and_key_hash_filter(tmp_path: Path, tiny_checkpoi
     assert 400 < kept.num_rows < 600
     assert kept.equals(_keep_by_key_hash(table, fraction=0.25))
     assert _keep_by_key_hash(table.slice(0, 0), fraction=0.5).num_rows == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"dev_per_class": -1}, "dev_per_class must be 0 or more"),
+        ({"max_train_rows": 0}, "max_train_rows must be at least 1"),
+        ({"max_test_rows": -5}, "max_test_rows must be at least 1"),
+    ],
+)
+def test_impossible_options_are_refused_before_any_work(
+    tiny_checkpoint: Path, option: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_fewshot(tiny_checkpoint, "digits", (1,), 1, **option)

@@ -93,3 +93,22 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "hook": Path("x")}, path)
     with pytest.raises(SystemExit, match="refusing to unpickle"):
         import_weights.main(["--from", "timm", str(path), "--out", str(tmp_path / "out")])
+
+
+def test_a_failed_import_ends_its_run_failed(
+    timm_file: tuple[timm_vit.VisionTransformer, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    _, path = timm_file
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    argv = ["--from", "timm", str(path), "--out", str(blocker / "ckpt"), "--num-heads", "2"]
+    with pytest.raises(OSError, match="a-file"):  # the checkpoint cannot be written there
+        import_weights.main([*argv, "--register", "vit-imported"])
+    mlflow = tracking.client(uri)
+    [run] = mlflow.search_runs([tracking.experiment_id(tracking.DEFAULT_EXPERIMENT, uri)])
+    assert run.info.status == "FAILED"

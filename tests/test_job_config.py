@@ -36,6 +36,7 @@ def test_dotted_keys_reach_nested_fields_and_values_are_literals() -> None:
         ("pretrain.no_such_field=1", "no field 'no_such_field'"),
         ("pretrain.steps.deeper=1", "int has no field 'deeper'"),
         ("pretrain.steps=ten", "not a Python literal"),
+        ("pretrain.model.grid_size=(2,2)", "no field 'grid_size'"),  # a property, not a field
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
