@@ -50,14 +50,19 @@ def test_import_keeps_outputs_and_records_provenance(
     assert not (tmp_path / "runs").exists()  # nothing tracked without --register
 
 
-def test_import_registers_in_mlflow_and_exports(
-    timm_file: tuple[timm_vit.VisionTransformer, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def mlflow_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tracking store of the test's own; the runs' artifacts go under its ./runs."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # the run's artifacts go under ./runs
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def test_import_registers_in_mlflow_and_exports(
+    timm_file: tuple[timm_vit.VisionTransformer, Path], tmp_path: Path, mlflow_here: str
+) -> None:
+    uri = mlflow_here
     _, path = timm_file
     out = tmp_path / "ckpt"
     argv = ["--from", "timm", str(path), "--out", str(out), "--num-heads", "2"]
@@ -96,13 +101,9 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_failed_import_ends_its_run_failed(
-    timm_file: tuple[timm_vit.VisionTransformer, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    timm_file: tuple[timm_vit.VisionTransformer, Path], tmp_path: Path, mlflow_here: str
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
+    uri = mlflow_here
     _, path = timm_file
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
