@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default=os.environ.get("VITRAY_API_TOKEN"))
     parser.add_argument("--timeout", type=float, default=60)
     args = parser.parse_args(argv)
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    token = (args.token or "").strip()  # a token file's newline is not part of it
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     params: dict[str, str | int] = {"top_k": args.top_k}
     if args.model:
         params["model"] = args.model
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             print(_table(path, body))
-        except (TypeError, KeyError):
+        except (TypeError, KeyError, ValueError):
             print(
                 f"{path}: not a prediction from a vitray endpoint: {response.text}", file=sys.stderr
             )

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from jobs.common import connect
-from pipelines.serve import ServeConfig, champions, deploy, undeploy
+from pipelines.serve import REGISTRY_PREFIX, ServeConfig, champions, deploy, undeploy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         name, _, reference = item.partition("=")
         if not name or not reference:
             parser.error(f"--model takes NAME=REF (a checkpoint or models:/ URI), got {item!r}")
-        # A path is read by replicas whose working directory is not this one.
-        models[name] = reference if "://" in reference else str(Path(reference).resolve())
+        models[name] = model_reference(reference)
     if not models:
         parser.error("name at least one model with --datasets or --model")
     if args.detach and args.address is None:
@@ -65,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if not local_ray:  # a local Ray takes the endpoint down as this process exits
             undeploy()
     return 0
+
+
+def model_reference(reference: str) -> str:
+    """A registry URI as given; a path made absolute, for replicas whose working directory is
+    not this one."""
+    return reference if reference.startswith(REGISTRY_PREFIX) else str(Path(reference).resolve())
 
 
 if __name__ == "__main__":

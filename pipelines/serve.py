@@ -42,6 +42,8 @@ from vit.analysis import attention_rollout_map
 from vit.model import VisionTransformer
 
 TOKEN_ENV = "VITRAY_API_TOKEN"
+MODEL_CACHE_ENV = "VITRAY_MODEL_CACHE"
+REGISTRY_PREFIX = "models:/"
 APP_NAME = "vitray"  # the Serve application (see `undeploy`)
 MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
 
@@ -80,30 +82,35 @@ class LoadedModel:
 
 def _registry_version(reference: str) -> Any:
     """The registered model version a `models:/name@alias` or `models:/name/N` URI names."""
+    spec = reference.removeprefix(REGISTRY_PREFIX)
     mlflow = tracking.client()
-    spec = reference.removeprefix("models:/")
     if "@" in spec:
         return mlflow.get_model_version_by_alias(*spec.split("@", 1))
-    return mlflow.get_model_version(*spec.rsplit("/", 1))
+    if "/" in spec:
+        return mlflow.get_model_version(*spec.rsplit("/", 1))
+    raise ValueError(f"{reference}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
 def check_reference(reference: str) -> None:
     """Raise unless the reference names a readable checkpoint or an existing model version.
 
-    Replicas check their whole table when they start, so a deployment with a mistyped path or a
-    missing alias never becomes healthy (and a redeploy leaves the old replicas serving) instead
-    of failing every request for that model.
+    `build_app` checks the whole table before Serve sees it: Serve stops a one-replica
+    deployment's old replica before it starts the new one, so a redeploy with a mistyped path or
+    a missing alias would otherwise take the endpoint down. Replicas do not check again: one
+    restarted while the registry is unreachable still serves its local models.
     """
-    if reference.startswith("models:/"):
+    if reference.startswith(REGISTRY_PREFIX):
         _registry_version(reference)
     else:
         vit_checkpoint.read_metadata(reference)
 
 
-def resolve_model(reference: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """A checkpoint directory for a local path or a `models:/name@alias` / `models:/name/N` URI."""
-    if not reference.startswith("models:/"):
+def resolve_model(reference: str, cache_dir: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint directory for a local path or a `models:/name@alias` / `models:/name/N` URI;
+    registry models are downloaded into `cache_dir` (default: `model_cache_dir()`)."""
+    if not reference.startswith(REGISTRY_PREFIX):
         return Path(reference), {"source": reference, "version": None, "run_id": None}
+    cache_dir = cache_dir or model_cache_dir()
     version = _registry_version(reference)
     name = version.name
     # download_artifacts keeps the artifact folder's own name under the destination. Version
@@ -136,8 +143,8 @@ def _download(source: str, target: Path, directory: Path) -> None:
                 raise
 
 
-def load_model(name: str, reference: str, device: torch.device, cache_dir: Path) -> LoadedModel:
-    directory, identity = resolve_model(reference, cache_dir)
+def load_model(name: str, reference: str, device: torch.device) -> LoadedModel:
+    directory, identity = resolve_model(reference)
     model, meta = vit_checkpoint.load(directory, map_location=device)
     model.eval()
     class_names = meta.class_names or tuple(str(i) for i in range(meta.config.num_classes))
@@ -174,16 +181,17 @@ def api_token() -> str | None:
 
 def model_cache_dir() -> Path:
     """Where registry models are downloaded: `$VITRAY_MODEL_CACHE`, else a folder of this user's
-    in the temp dir. Replicas trust what they find there, so it must be private to this user."""
+    in the temp dir. Replicas trust what they find there, so it is made private to this user;
+    one that belongs to someone else is refused."""
     default = Path(tempfile.gettempdir()) / f"vitray-models-{os.getuid()}"
-    directory = Path(os.environ.get("VITRAY_MODEL_CACHE", default))
+    directory = Path(os.environ.get(MODEL_CACHE_ENV, default))
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    status = directory.stat()
-    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+    if directory.stat().st_uid != os.getuid():
         raise PermissionError(
-            f"model cache {directory} must belong to this user with mode 0700 (it holds the "
-            "checkpoints replicas load without further checks)"
+            f"model cache {directory} belongs to another user; replicas load what it holds "
+            f"without further checks (set {MODEL_CACHE_ENV} to a folder of your own)"
         )
+    directory.chmod(0o700)
     return directory
 
 
@@ -199,10 +207,7 @@ class ViTService:
         self.device = torch.device(
             "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
         )
-        self.cache_dir = model_cache_dir()
         self.token = api_token()
-        for reference in config.models.values():
-            check_reference(reference)
         self.forward_passes = 0
         self.images_forwarded = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # the latest
@@ -217,9 +222,9 @@ class ViTService:
         if reference is None:
             raise _error(404, f"unknown model {name!r}; known: {sorted(self.config.models)}")
         try:
-            return await asyncio.to_thread(load_model, name, reference, self.device, self.cache_dir)
+            return await asyncio.to_thread(load_model, name, reference, self.device)
         except (vit_checkpoint.CheckpointError, MlflowException, OSError) as error:
-            # Checked at start, so gone since: a deleted checkpoint, the registry unreachable.
+            # Checked at deploy, so gone since: a deleted checkpoint, the registry unreachable.
             raise _error(503, f"model {name!r} cannot be loaded now: {error}") from None
 
     async def _model_for(self, requested: str | None) -> LoadedModel:
@@ -522,13 +527,19 @@ class ViTService:
 
 
 def build_app(config: ServeConfig) -> serve.Application:
-    """The Serve application for `serve.run`, `jobs/serve.py` and `serve deploy`."""
+    """The Serve application for `serve.run`, `jobs/serve.py` and `serve deploy`; raises if a
+    model reference names no checkpoint or model version (see `check_reference`)."""
+    for reference in config.models.values():
+        check_reference(reference)
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus, "num_gpus": int(config.use_gpu)}
-    # Replicas resolve registry URIs against the caller's tracking server and see its token.
+    # Replicas resolve registry URIs against the caller's tracking server and see its token and
+    # model cache setting.
     env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     token = api_token()
     if token is not None:
         env[TOKEN_ENV] = token
+    if MODEL_CACHE_ENV in os.environ:
+        env[MODEL_CACHE_ENV] = os.environ[MODEL_CACHE_ENV]
     actor_options["runtime_env"] = {"env_vars": env}
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,

@@ -115,13 +115,6 @@ def truncated_png() -> bytes:
     return encode(RGB)[:200]
 
 
-def dds_with_unknown_pixel_format() -> bytes:
-    """A DDS whose decoder raises NotImplementedError, not one of Pillow's usual errors."""
-    data = bytearray(encode(np.zeros((8, 8, 4), np.uint8), "DDS"))
-    data[80:84] = (17).to_bytes(4, "little")  # pixel-format flags no decoder knows
-    return bytes(data)
-
-
 def valid_pcx() -> bytes:
     """A well-formed image in a format Pillow reads but uploads may not use."""
     buffer = io.BytesIO()
@@ -134,7 +127,6 @@ BAD_INPUTS = {
     "pcx, a format outside IMAGE_FORMATS": valid_pcx(),
     "truncated": truncated_png(),
     "text": b"this is not an image\n",
-    "dds": dds_with_unknown_pixel_format(),
 }
 
 

@@ -63,3 +63,12 @@ def test_serve_job_refuses_options_that_would_fail_later(
         serve_job.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_job_makes_paths_absolute_and_keeps_registry_uris(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert serve_job.model_reference("runs/ckpt/model") == str(tmp_path / "runs/ckpt/model")
+    assert serve_job.model_reference("models:/vit-digits@champion") == "models:/vit-digits@champion"
+    assert serve_job.model_reference("models:/vit-digits/3") == "models:/vit-digits/3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import struct
@@ -31,7 +32,6 @@ from pipelines.serve import (
     TOKEN_ENV,
     ServeConfig,
     build_app,
-    check_reference,
     model_cache_dir,
     resolve_model,
 )
@@ -426,24 +426,39 @@ def test_a_model_whose_checkpoint_vanished_gets_a_503_with_the_reason(
         serve.delete("vitray-gone")
 
 
-def test_a_replica_checks_every_model_reference_when_it_starts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("reference", "error", "message"),
+    [
+        ("no-such-checkpoint", vit_checkpoint.CheckpointError, r"vit\.json is missing"),
+        ("models:/vit-nothing@champion", MlflowException, "vit-nothing"),
+        ("models:/vit-nothing", ValueError, "expected models:/NAME@ALIAS"),
+    ],
+)
+def test_a_bad_model_reference_is_refused_before_serve_sees_the_app(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reference: str,
+    error: type[Exception],
+    message: str,
 ) -> None:
-    """A mistyped path or a missing alias fails the deployment, not each request later."""
+    """A mistyped path or a missing alias fails the deploy; Serve would stop the old replica
+    first, and the endpoint would be down."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(vit_checkpoint.CheckpointError, match=r"vit\.json is missing"):
-        check_reference(str(tmp_path / "no-such-checkpoint"))
-    with pytest.raises(MlflowException):
-        check_reference("models:/vit-nothing@champion")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        build_app(ServeConfig(models={"vit-x": reference}, default_model="vit-x"))
 
 
-def test_the_model_cache_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_model_cache_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replicas load what they find in the cache: nobody else may write there."""
-    monkeypatch.setenv("VITRAY_MODEL_CACHE", str(tmp_path / "fresh"))
-    assert model_cache_dir().stat().st_mode & 0o777 == 0o700
-    shared = tmp_path / "shared"
-    shared.mkdir(mode=0o777)
-    shared.chmod(0o777)
-    monkeypatch.setenv("VITRAY_MODEL_CACHE", str(shared))
-    with pytest.raises(PermissionError, match="mode 0700"):
-        model_cache_dir()
+    (tmp_path / "made-with-mkdir-p").mkdir(mode=0o755)
+    for name in ("fresh", "made-with-mkdir-p"):
+        monkeypatch.setenv("VITRAY_MODEL_CACHE", str(tmp_path / name))
+        assert model_cache_dir().stat().st_mode & 0o777 == 0o700
+    if os.getuid() == 0:  # only root can hand a folder to another user
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        os.chown(foreign, 65534, 65534)
+        monkeypatch.setenv("VITRAY_MODEL_CACHE", str(foreign))
+        with pytest.raises(PermissionError, match="belongs to another user"):
+            model_cache_dir()
