@@ -126,6 +126,12 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     if not config.finetune.register:
         raise ValueError("the serve stage serves the registered fine-tuned models: keep register")
     # Every stage records into the pipeline's experiment, beside its parent run.
+    for stage in (config.pretrain, config.finetune):
+        if stage.experiment not in (tracking.DEFAULT_EXPERIMENT, config.experiment):
+            raise ValueError(
+                f"stages record into the pipeline's experiment {config.experiment!r}, not "
+                f"{stage.experiment!r}: set the pipeline's `experiment` instead"
+            )
     config = dataclasses.replace(
         config,
         pretrain=dataclasses.replace(config.pretrain, experiment=config.experiment),

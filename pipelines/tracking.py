@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,13 +71,17 @@ def start_run(
 @contextlib.contextmanager
 def ending(run_id: str, uri: str | None = None) -> Iterator[None]:
     """End ``run_id`` FINISHED when the block completes, FAILED when it raises, KILLED when the
-    process is told to stop (Ctrl-C; SIGTERM, which `ray job stop` sends and Ray's driver turns
-    into SystemExit), so a stage that dies never leaves its run RUNNING in the MLflow UI."""
+    process is told to stop (Ctrl-C; SIGTERM, which `ray job stop` sends and a Ray driver turns
+    into `sys.exit(15)`), so a stage that dies never leaves its run RUNNING in the MLflow UI."""
     mlflow = client(uri)
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         mlflow.set_terminated(run_id, "KILLED")
+        raise
+    except SystemExit as exit_:
+        status = {None: "FINISHED", 0: "FINISHED", signal.SIGTERM: "KILLED"}.get(exit_.code)
+        mlflow.set_terminated(run_id, status or "FAILED")
         raise
     except BaseException:
         mlflow.set_terminated(run_id, "FAILED")

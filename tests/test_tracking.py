@@ -17,6 +17,8 @@ from pipelines import tracking
         (ZeroDivisionError(), "FAILED"),
         (SystemExit(15), "KILLED"),  # SIGTERM (`ray job stop`) as a Ray driver receives it
         (KeyboardInterrupt(), "KILLED"),
+        (SystemExit(0), "FINISHED"),
+        (SystemExit("cannot go on"), "FAILED"),
     ],
 )
 def test_a_run_ends_with_the_status_of_its_block(
