@@ -296,7 +296,6 @@ def _close_stopped_trials(mlflow: Any, dataset_run: str) -> None:
         mlflow.set_terminated(run.info.run_id, "KILLED")
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def _predict(model: VisionTransformer, data: dict[str, np.ndarray], batch: int = 512) -> np.ndarray:
     """Predicted class of every row of {"tokens", "label"}, in eval mode, on the model's device."""

@@ -105,12 +105,12 @@ def check_reference(reference: str) -> None:
         vit_checkpoint.read_metadata(reference)
 
 
-def resolve_model(reference: str, cache_dir: Path | None = None) -> tuple[Path, dict[str, Any]]:
+def resolve_model(reference: str) -> tuple[Path, dict[str, Any]]:
     """A checkpoint directory for a local path or a `models:/name@alias` / `models:/name/N` URI;
-    registry models are downloaded into `cache_dir` (default: `model_cache_dir()`)."""
+    registry models are downloaded into `model_cache_dir()`."""
     if not reference.startswith(REGISTRY_PREFIX):
         return Path(reference), {"source": reference, "version": None, "run_id": None}
-    cache_dir = cache_dir or model_cache_dir()
+    cache_dir = model_cache_dir()
     version = _registry_version(reference)
     name = version.name
     # download_artifacts keeps the artifact folder's own name under the destination. Version

@@ -345,10 +345,11 @@ def test_a_cached_model_is_never_another_registry_s_same_version(
     config = ViTConfig(image_size=8, patch_size=2, num_classes=10, width=32, depth=2,
                        mlp_dim=64, num_heads=2)  # fmt: skip
     heads = []
+    monkeypatch.setenv("VITRAY_MODEL_CACHE", str(tmp_path / "cache"))  # one cache, two stores
     for registry, seed in (("first", 0), ("second", 1)):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / registry}.db")
         register(tmp_path / registry, "digits", config, [str(i) for i in range(10)], seed=seed)
-        directory, identity = resolve_model("models:/vit-digits@champion", tmp_path / "cache")
+        directory, identity = resolve_model("models:/vit-digits@champion")
         assert identity["version"] == "1"
         heads.append(vit_checkpoint.load(directory)[0].head.weight)
     assert not torch.equal(heads[0], heads[1])
