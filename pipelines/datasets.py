@@ -36,6 +36,7 @@ from pipelines.sources import (
     SplitFractions,
     assign_splits,
     empty_rows,
+    key_units,
     resolve_uri,
 )
 
@@ -212,6 +213,9 @@ class CatalogEntry:
         rows = np.flatnonzero(splits == split) if split else np.arange(len(splits))
         if not len(rows):
             return empty_rows()
+        # In key-hash order, as folders are read: some files are sorted by class, and a block
+        # of one class would leave a streaming trainer's shuffle buffer little to mix.
+        rows = rows[np.argsort(key_units(arrays.keys[i] for i in rows), kind="stable")]
         blocks = []
         for start in range(0, len(rows), _BLOCK_ROWS):
             idx = rows[start : start + _BLOCK_ROWS]

@@ -26,7 +26,7 @@ from mlflow.entities import Metric
 
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
-from pipelines.ingest import IngestConfig, start_error_tracker, to_tokens
+from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_tracker, to_tokens
 from pipelines.training import resolve_checkpoint
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
@@ -109,6 +109,7 @@ def run_fewshot(
             tokens = _split_tokens(dataset, split, meta.config, cap, sizes.get(split), tracker)
             batches = tokens.iter_batches(batch_size=batch_size, batch_format="numpy")
             features[split] = extract_features(model, batches, device)
+            check_bad_fraction(tracker, IngestConfig())
         bad = int(ray.get(tracker.summary.remote())["bad"])
         (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
         # Small sets cannot afford every shot count: drop those the rarest class cannot fill.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from pipelines.datasets import SplitFractions, describe, fingerprint, read_datas
 from pipelines.sources import (
     MANIFEST_NAME,
     ROW_SCHEMA,
+    SHARD_NAME,
     SPLITS,
     key_units,
     read_manifest,
@@ -44,7 +44,6 @@ from pipelines.sources import (
 
 FORMAT = "vitray-shards/1"
 TMP_DIR = "_tmp"  # underscore: hidden from every reader (see sources.is_hidden)
-SHARD_NAME = re.compile(r"^(train|dev|test)-\d{5}-[0-9a-f]{12}\.parquet$")
 
 
 @dataclass(frozen=True)

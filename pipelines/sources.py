@@ -50,6 +50,8 @@ SPLIT_ALIASES = {
 }
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 MANIFEST_NAME = "manifest.json"
+# The shards `jobs/prepare.py` writes; its manifest, written last, says a set of them is whole.
+SHARD_NAME = re.compile(r"^(train|dev|test)-\d{5}-[0-9a-f]{12}\.parquet$")
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
 _HIDDEN_PREFIXES = (".", "_")  # as Ray's and Hadoop's readers: .DS_Store, _SUCCESS, _tmp/
 
@@ -305,7 +307,13 @@ class FolderSource:
         orders the classes (e.g. 6 of Tux Paint's 16 stamp categories)."""
         top = _children(fs, root, pafs.FileType.Directory)
         splits = {d: SPLIT_ALIASES.get(d.lower()) for d in top}
-        if top and all(splits.values()) and "train" in splits.values():
+        if top and all(splits.values()) and "train" not in splits.values():
+            # Read as classes, every image would be labelled with its split's name.
+            raise FileNotFoundError(
+                f"{root}: split folders {sorted(top)} but none for training "
+                "(expected root/train/<class>/*.png beside them)"
+            )
+        if top and all(splits.values()):
             per_split = {d: _children(fs, f"{root}/{d}", pafs.FileType.Directory) for d in top}
             found = sorted({c for classes in per_split.values() for c in classes})
             layout = [(f"{d}/{c}", c, splits[d]) for d in top for c in per_split[d]]
@@ -433,14 +441,16 @@ def _read_files(batch: pa.Table, *, fs: pafs.FileSystem, root: str) -> Iterator[
     """Listed files -> rows with their bytes.
 
     A file that cannot be read (gone since the listing, no permission) gets empty bytes, so the
-    decoder skips and counts it like any other bad image instead of the whole read failing.
+    decoder skips and counts it like any other bad image instead of the whole read failing. Any
+    other error (the object store unreachable, throttling) fails the read: the file may be fine,
+    and dropping its row would lose it silently.
     """
     blobs = []
     for path in batch["path"].to_pylist():
         try:
             with fs.open_input_stream(f"{root}/{path}") as f:
                 blobs.append(f.read())
-        except OSError:
+        except (FileNotFoundError, PermissionError):
             blobs.append(b"")
     yield pa.table(
         {
@@ -485,6 +495,11 @@ class ParquetSource:
             files = tuple((s["path"], s["split"]) for s in manifest["shards"])
         else:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if any(SHARD_NAME.match(i.base_name) for i in infos):
+                raise FileNotFoundError(
+                    f"{path}: shards of a prepare run that did not finish (no {MANIFEST_NAME}); "
+                    "run prepare again"
+                )
             rels = (i.path[len(path) + 1 :] for i in infos if i.type == pafs.FileType.File)
             files = tuple(
                 (r, split_of_path(r))

@@ -17,6 +17,7 @@ import pytest
 import ray.data
 from PIL import Image
 
+from pipelines import sources
 from pipelines.datasets import (
     DatasetInfo,
     DatasetNotInstalledError,
@@ -104,6 +105,13 @@ def test_digits_splits_are_fixed_disjoint_and_dev_comes_from_train() -> None:
     assert np.array_equal(np.asarray(decode(first["digits/0000"][0])), np.rint(expected))
 
 
+def test_catalog_rows_come_in_key_hash_order_not_class_by_class() -> None:
+    """mnist-5k's file lists its images class by class; streamed that way, a trainer's shuffle
+    buffer would hold one or two classes at a time."""
+    labels = [row["label"] for row in read_dataset("mnist-5k", "train").take(300)]
+    assert len(set(labels)) == 10
+
+
 def test_tuxpaint_six_classes_composited_on_white() -> None:
     info = catalog("tuxpaint")
     assert dict(zip(info.class_names, range(6), strict=True)) == {
@@ -160,6 +168,22 @@ def test_a_folder_split_reads_only_its_files_and_survives_a_vanished_one(
     assert sorted(read) == dev_keys  # no other split's file was opened: they are gone
     assert read[dev_keys[0]][0] == b""  # the vanished dev file: a row the decoder will count
     assert all(read[k] == everything[k] for k in dev_keys[1:])
+
+
+def test_a_read_error_other_than_a_missing_file_fails_the_read() -> None:
+    """An unreachable object store is not a bad image: the file may be fine."""
+    unreachable = pafs.S3FileSystem(
+        access_key="k",
+        secret_key="k",
+        region="us-east-1",
+        endpoint_override="http://127.0.0.1:1",  # nothing listens on port 1
+        connect_timeout=1,
+        request_timeout=1,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )
+    batch = pa.table({"path": ["x.png"], "key": ["x.png"], "label": [0], "split": ["train"]})
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        next(sources._read_files(batch, fs=unreachable, root="bucket"))
 
 
 def test_parquet_with_keys_yields_the_folder_rows(digits_folder: Path, tmp_path: Path) -> None:
@@ -304,3 +328,7 @@ def test_errors_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (tmp_path / "flat").mkdir()
     with pytest.raises(FileNotFoundError, match="no class folders"):
         describe(str(tmp_path / "flat"), filesystem=pafs.LocalFileSystem())
+    (tmp_path / "evaluation-only" / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "evaluation-only" / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"split folders \['test', 'val'\] but none for"):
+        describe(str(tmp_path / "evaluation-only"))  # not classes named "test" and "val"

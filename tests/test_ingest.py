@@ -13,7 +13,9 @@ from pipelines.ingest import (
     Augmentation,
     BadImageError,
     DataErrorTracker,
+    DataQualityError,
     IngestConfig,
+    check_bad_fraction,
     image_to_tokens,
     to_tokens,
     tokenize_batch,
@@ -81,6 +83,23 @@ def test_centre_crop_removes_the_border_and_resize_keeps_the_aspect() -> None:
     assert image[16, 1, 0] < 100  # the frame's left part survives, scaled
     squashed = image_to_tokens(encode(framed), config())  # resize_size None: whole image
     assert squashed.shape == tokens.shape
+
+
+def test_a_large_jpeg_is_decoded_large_enough_for_its_centre_crop() -> None:
+    """Resize 256 + centre crop 224 keeps 7/8 of the shorter side. Decoded at a reduced size
+    meant for 224 px, an 896 px photo's crop would come out 196 px and be enlarged, blurring it;
+    decoded at 448 px it matches a full decode closely."""
+    sklearn_data = pytest.importorskip("sklearn.datasets", reason="pip install scikit-learn")
+    photo = Image.fromarray(sklearn_data.load_sample_images().images[0]).resize((1344, 896))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95)
+    cfg = ViTConfig(image_size=224, patch_size=16, preprocessing=Preprocessing(resize_size=256))
+    full = Image.open(buffer).convert("RGB")  # no reduced-size decoding
+    box = (280.0, 56.0, 1064.0, 840.0)  # shorter side 896 -> 256, then the central 224 x 224
+    reference = patchify(np.asarray(full.resize((224, 224), Image.BILINEAR, box=box)), 16,
+                         channels_last=True)  # fmt: skip
+    tokens = image_to_tokens(buffer.getvalue(), cfg)
+    assert np.abs(tokens.astype(int) - reference.astype(int)).mean() < 1.5  # 3.1 when enlarged
 
 
 def test_random_augmentation_is_reproducible_from_the_generator() -> None:
@@ -172,6 +191,23 @@ def test_ray_pipeline_skips_and_counts_corrupt_rows() -> None:
     assert (summary["rows_read"], summary["bad_reads"]) == (86, 6)
     assert summary["bad"] == 3
     assert sorted(key for key, _ in summary["samples"]) == ["bad/0", "bad/1", "bad/2"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_stream_is_judged_on_many_rows_and_a_stage_on_all_it_read() -> None:
+    """3 bad in 43 rows is 7%, but a stream's first rows say little about its bad rate; a stage
+    that has read everything judges everything, and refuses data none of which is readable."""
+    tracker = DataErrorTracker.remote()
+    out = to_tokens(ray.data.from_items(rows(good=40, bad=3)), config(), tracker=tracker)
+    assert out.materialize().count() == 40
+    with pytest.raises(DataQualityError, match="3 of 43 images unreadable"):
+        check_bad_fraction(tracker, IngestConfig())
+    check_bad_fraction(tracker, IngestConfig(max_bad_fraction=0.1))
+    tracker = DataErrorTracker.remote()
+    out = to_tokens(ray.data.from_items(rows(good=0, bad=4)), config(), tracker=tracker)
+    assert out.materialize().count() == 0
+    with pytest.raises(DataQualityError, match="4 of 4 images unreadable"):
+        check_bad_fraction(tracker, IngestConfig(max_bad_fraction=1.0))
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -152,6 +152,28 @@ def test_interrupted_run_leaves_the_old_manifest_valid_and_force_rewrites_nothin
     assert snapshot(out) == before  # same bytes: nothing rewritten, not even the manifest
 
 
+def test_the_shards_of_an_unfinished_first_run_are_not_read_as_a_dataset(
+    digits_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    real_put = prepare_module._put
+
+    def dying_put(fs: pafs.FileSystem, path: str, data: object, tmp_dir: str) -> None:
+        if path.endswith("manifest.json"):
+            raise KeyboardInterrupt  # killed after its shards, before the manifest
+        real_put(fs, path, data, tmp_dir)
+
+    monkeypatch.setattr(prepare_module, "_put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(str(digits_folder), str(out), rows_per_shard=5))
+    monkeypatch.undo()
+    assert list(out.glob("train-*.parquet"))  # the shards are there, the manifest is not
+    with pytest.raises(FileNotFoundError, match=r"did not finish .* run prepare again"):
+        read_dataset(str(out))
+    prepare(PrepareConfig(str(digits_folder), str(out), rows_per_shard=5))
+    assert len(rows(read_dataset(str(out)))) == 26
+
+
 def test_cli_reports_a_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert prepare_job.main([str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
     assert "neither a catalog dataset" in capsys.readouterr().err
