@@ -29,11 +29,11 @@ import ray
 import torch
 from ray import tune
 from ray.actor import ActorHandle
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
-from pipelines.ingest import IngestConfig, start_error_tracker, to_tokens
+from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_tracker, to_tokens
 from pipelines.training import autocast, resolve_checkpoint, warmup_then_decay
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
@@ -41,6 +41,8 @@ from vit.model import VisionTransformer
 from vit.patches import unpatchify
 
 CHAMPION = "champion"
+MODEL_DIR = "model"  # in a trial checkpoint: the model, as registered and served
+TRIAL_STATE_FILE = "trial_state.pt"  # beside it: optimizer, schedule and step
 SELECTION_SPLITS = ("train", "dev")  # what trials see; the test split is read once, at the end
 
 
@@ -64,6 +66,9 @@ class FinetuneConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # a GPU, or a share of one: trials then train on CUDA in bf16
     max_concurrent_trials: int | None = None
+    # Restarts of a trial whose process died (a lost node, OOM), from its latest checkpoint. A
+    # diverged trial fails again from there, costing the steps since that checkpoint.
+    max_failures: int = 1
     storage_path: str = "runs/tune"
     sweep_name: str = "finetune"
     experiment: str = tracking.DEFAULT_EXPERIMENT
@@ -107,9 +112,9 @@ def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[Dat
         },
         uri=uri,
     )
-    tracking.log_params(sweep_run, config, uri)
     pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
     with tracking.ending(sweep_run, uri):
+        tracking.log_params(sweep_run, config, uri)
         return [
             _tune_dataset(config, meta.config, name, sweep_run, pretrain_run, uri)
             for name in config.datasets
@@ -153,9 +158,10 @@ def _model_config(pretrained: ViTConfig, config: FinetuneConfig, num_classes: in
 def _tokens(
     dataset: str, split: str, model: ViTConfig, ingest: IngestConfig, tracker: ActorHandle
 ) -> dict[str, Any]:
-    """One split as arrays; unreadable images skipped, counted by `tracker`."""
+    """One split as arrays; unreadable images skipped, counted by `tracker` and judged."""
     rows = to_tokens(read_dataset(dataset, split), model, ingest=ingest, tracker=tracker)
     batches = list(rows.iter_batches(batch_size=None, batch_format="numpy"))
+    check_bad_fraction(tracker, ingest)
     return {
         "tokens": np.concatenate([b["tokens"] for b in batches]),
         "label": np.concatenate([b["label"] for b in batches]),
@@ -188,37 +194,43 @@ def _tune_dataset(
             split: _tokens(dataset, split, model_config, config.ingest, tracker)
             for split in SELECTION_SPLITS
         }
+        provenance = {"dataset": dataset, "stage": kind, "pretrain_run": pretrain_run}
+        if not config.from_scratch:
+            provenance["pretrain_checkpoint"] = config.checkpoint
         trainable = tune.with_parameters(
             tune.with_resources(_trial, _trial_resources(config)),
             config=config,
             model_config=model_config,
+            initial_weights=_initial_weights(config, model_config),
             train=data["train"],
             dev=data["dev"],
             class_names=list(info.class_names),
-            dataset=dataset,
+            provenance=provenance,
             parent_run=dataset_run,
             uri=uri,
         )
         evaluations = max(1, math.ceil(config.steps / config.eval_every))
+        scheduler = _RecordingASHA(
+            metric="dev_accuracy",
+            mode="max",
+            max_t=evaluations,
+            grace_period=min(config.grace_evaluations, evaluations),
+            reduction_factor=config.reduction_factor,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"learning_rate": tune.grid_search(list(config.learning_rates))},
             tune_config=tune.TuneConfig(
-                scheduler=ASHAScheduler(
-                    metric="dev_accuracy",
-                    mode="max",
-                    max_t=evaluations,
-                    grace_period=min(config.grace_evaluations, evaluations),
-                    reduction_factor=config.reduction_factor,
-                ),
+                scheduler=scheduler,
                 max_concurrent_trials=config.max_concurrent_trials,
                 # A trial's actor starts the next trial: no new process, imports, data copy.
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"{config.sweep_name}-{kind}-{dataset}",
-                storage_path=str(Path(config.storage_path).resolve()),
+                storage_path=_storage_path(config.storage_path),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=config.max_failures),
             ),
         )
         mlflow = tracking.client(uri)
@@ -226,20 +238,25 @@ def _tune_dataset(
             grid = tuner.fit()
         finally:  # also when the sweep is interrupted: no trial run stays RUNNING
             _close_stopped_trials(mlflow, dataset_run)
+        if not all(_ran_its_course(r, config.steps, scheduler.stopped) for r in grid):
+            # Tune catches Ctrl-C (and SIGUSR1) itself and returns the trials as they stood;
+            # choosing and registering a model from them would pass a cut-short sweep as done.
+            raise KeyboardInterrupt(f"the sweep on {dataset} was stopped before its trials ended")
         failed = [r for r in grid if r.error is not None]
         finished = [r for r in grid if r.error is None and r.metrics]
         if not finished:
             raise RuntimeError(
                 f"every trial failed on {dataset}: {failed[0].error if failed else ''}"
             )
-        best = max(finished, key=lambda r: r.metrics["dev_accuracy"])
+        best = _best(finished, config.steps)
         stopped = sum(1 for r in finished if r.metrics.get("step", 0) < config.steps)
         with best.checkpoint.as_directory() as directory:
-            model, _ = vit_checkpoint.load(Path(directory))
+            model_dir = Path(directory) / MODEL_DIR
+            model, _ = vit_checkpoint.load(model_dir)
             test = _tokens(dataset, "test", model.config, config.ingest, tracker)
             predictions = _predict(model, test)
             test_accuracy = float(np.mean(predictions == test["label"]))
-            mlflow.log_artifacts(dataset_run, directory, "checkpoint")
+            mlflow.log_artifacts(dataset_run, str(model_dir), "checkpoint")
         _log_test_figures(mlflow, dataset_run, model.config, test, predictions, info.class_names)
         errors = ray.get(tracker.summary.remote())
         if errors["samples"]:
@@ -274,7 +291,7 @@ def _tune_dataset(
         dev_accuracy=float(best.metrics["dev_accuracy"]),
         test_accuracy=test_accuracy,
         learning_rate=learning_rate,
-        checkpoint_path=best.checkpoint.path,
+        checkpoint_path=f"{best.checkpoint.path}/{MODEL_DIR}",
         run_id=dataset_run,
         model_version=version,
         trials=len(grid),
@@ -282,6 +299,47 @@ def _tune_dataset(
         failed=len(failed),
         seconds=time.perf_counter() - start,
     )
+
+
+class _RecordingASHA(ASHAScheduler):
+    """ASHA that remembers the trials it stopped.
+
+    Tune reports a trial cut short by Ctrl-C as ended without error, like one ASHA stopped or
+    one that ran every step; only the scheduler knows which of the first two it was.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stopped: set[str] = set()
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP:
+            self.stopped.add(trial.trial_id)
+        return action
+
+
+def _ran_its_course(result: Any, steps: int, stopped_by_scheduler: set[str]) -> bool:
+    """Failed, ran every step, or stopped by the scheduler: not cut short by an interrupt."""
+    if result.error is not None or result.metrics.get("step") == steps:
+        return True
+    return result.metrics.get("trial_id") in stopped_by_scheduler
+
+
+def _best(finished: list[Any], steps: int) -> Any:
+    """The trial with the best dev accuracy among those that ran every step, if any did.
+
+    ASHA stops a trial at a rung, before its learning rate has decayed: its last dev accuracy
+    says how it was doing then, not what it would have ended at, so it is compared with the
+    others only when no trial ran to the end.
+    """
+    completed = [r for r in finished if r.metrics.get("step") == steps]
+    return max(completed or finished, key=lambda r: r.metrics["dev_accuracy"])
+
+
+def _storage_path(path: str) -> str:
+    """Tune's storage: a URI as given, a local folder made absolute (trials run elsewhere)."""
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def _close_stopped_trials(mlflow: Any, dataset_run: str) -> None:
@@ -341,24 +399,30 @@ def _trial(
     *,
     config: FinetuneConfig,
     model_config: ViTConfig,
+    initial_weights: dict[str, torch.Tensor],
     train: dict[str, np.ndarray],
     dev: dict[str, np.ndarray],
     class_names: list[str],
-    dataset: str,
+    provenance: dict[str, str],
     parent_run: str,
     uri: str,
 ) -> None:
-    """One fine-tune: build the model, train `steps` SGD steps, report dev accuracy."""
+    """One fine-tune: build the model, train `steps` SGD steps, report dev accuracy.
+
+    Each report carries a checkpoint: the model under `model/` (what is registered and served)
+    and, beside it, the optimizer state a restarted trial resumes from.
+    """
     learning_rate = float(params["learning_rate"])
     torch.manual_seed(config.seed)
     saved = None
     restored = tune.get_checkpoint()
     if restored:
         with restored.as_directory() as directory:
-            model, _ = vit_checkpoint.load(Path(directory))
-            saved = torch.load(Path(directory) / "trial_state.pt", weights_only=True)
+            model, _ = vit_checkpoint.load(Path(directory) / MODEL_DIR)
+            saved = torch.load(Path(directory) / TRIAL_STATE_FILE, weights_only=True)
     else:
-        model = _initial_model(config, model_config)
+        model = VisionTransformer(model_config)
+        model.load_state_dict(initial_weights)
     gpu = config.gpus_per_trial > 0 and torch.cuda.is_available()  # Tune set the visible one
     device = torch.device("cuda" if gpu else "cpu")
     model.to(device)
@@ -373,21 +437,16 @@ def _trial(
         step = saved["step"]
     trial_name = tune.get_context().get_trial_name()
     mlflow = tracking.client(uri)
-    run_id = saved.get("run_id") if saved else None
-    if run_id is None:
-        run_id = tracking.start_run(
-            trial_name,
-            experiment=config.experiment,
-            parent_run_id=parent_run,
-            tags={"vitray_stage": "trial", "vitray_dataset": dataset},
-            uri=uri,
-        )
-        mlflow.log_param(run_id, "learning_rate", learning_rate)
-    rng = np.random.default_rng([config.seed, step])
-    count = len(train["label"])
-    batch = min(config.batch_size, count)
-    model.train()
+    run_id = _trial_run(mlflow, config.experiment, parent_run, trial_name, provenance, uri)
     try:
+        if saved:  # each restart is on record: the step its checkpoint held
+            mlflow.log_metric(run_id, "trial/resumed_at_step", step, step=step)
+        else:
+            mlflow.log_param(run_id, "learning_rate", learning_rate)
+        rng = np.random.default_rng([config.seed, step])
+        count = len(train["label"])
+        batch = min(config.batch_size, count)
+        model.train()
         while step < config.steps:
             index = rng.choice(count, size=batch, replace=False)
             tokens = torch.from_numpy(train["tokens"][index]).to(device)
@@ -413,23 +472,24 @@ def _trial(
             mlflow.log_metric(run_id, "dev/accuracy", dev_accuracy, step=step)
             mlflow.log_metric(run_id, "train/loss", float(loss), step=step)
             with tempfile.TemporaryDirectory() as directory:
-                provenance = {
-                    "dataset": dataset,
-                    "stage": "finetune",
-                    "step": step,
-                    "trial": trial_name,
-                }
                 vit_checkpoint.save(
-                    model, directory, class_names=class_names, provenance=provenance
+                    model,
+                    Path(directory) / MODEL_DIR,
+                    class_names=class_names,
+                    provenance={
+                        **provenance,
+                        "step": step,
+                        "trial": trial_name,
+                        "mlflow_run_id": run_id,
+                    },
                 )
                 torch.save(
                     {
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "step": step,
-                        "run_id": run_id,  # a restored trial goes on logging to its own run
                     },
-                    Path(directory) / "trial_state.pt",
+                    Path(directory) / TRIAL_STATE_FILE,
                 )
                 if step == config.steps:  # before the last report: Tune may end the trial in it
                     mlflow.set_terminated(run_id)
@@ -439,6 +499,32 @@ def _trial(
         raise
 
 
+def _trial_run(
+    mlflow: Any,
+    experiment: str,
+    parent_run: str,
+    trial_name: str,
+    provenance: dict[str, str],
+    uri: str,
+) -> str:
+    """The trial's MLflow run: the one a restarted trial started before, else a new one.
+
+    Tune restarts a trial whose process died, from its latest checkpoint or, with none yet,
+    from the start; either way its steps belong to one run.
+    """
+    experiment_id = mlflow.get_run(parent_run).info.experiment_id
+    mine = f"tags.mlflow.parentRunId = '{parent_run}' and tags.mlflow.runName = '{trial_name}'"
+    for run in mlflow.search_runs([experiment_id], filter_string=mine):
+        return run.info.run_id
+    return tracking.start_run(
+        trial_name,
+        experiment=experiment,
+        parent_run_id=parent_run,
+        tags={"vitray_stage": "trial", "vitray_dataset": provenance["dataset"]},
+        uri=uri,
+    )
+
+
 def _trial_resources(config: FinetuneConfig) -> dict[str, float]:
     resources = {"CPU": config.cpus_per_trial}
     if config.gpus_per_trial:
@@ -446,12 +532,19 @@ def _trial_resources(config: FinetuneConfig) -> dict[str, float]:
     return resources
 
 
-def _initial_model(config: FinetuneConfig, model_config: ViTConfig) -> VisionTransformer:
-    """The pretrained weights with a new zero head (and resampled positions), or a fresh model."""
+def _initial_weights(config: FinetuneConfig, model_config: ViTConfig) -> dict[str, torch.Tensor]:
+    """Every trial's starting weights for `model_config`: the pretrained ones with a new zero
+    head (and resampled positions), or a fresh model's (seeded).
+
+    Built once on the driver, they reach the trials through the object store, on whatever node
+    they run: the pretrained checkpoint is a file on the driver's node.
+    """
     if config.from_scratch:
-        return VisionTransformer(model_config)
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            return VisionTransformer(model_config).state_dict()
     model, _ = vit_checkpoint.load(config.checkpoint)
     model.reset_classifier(model_config.num_classes)
     if model.config.image_size != model_config.image_size:
         model.resize_pos_embed(model_config.image_size)
-    return model
+    return model.state_dict()

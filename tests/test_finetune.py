@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ray.util.state import list_actors
 
 from pipelines import finetune, tracking
 from pipelines.finetune import FinetuneConfig
@@ -27,6 +34,7 @@ def pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         num_heads=2,
         num_classes=10,
         representation_size=32,
+        preprocessing=Preprocessing(resize_size=8),  # resize to 8, "crop" all 8
     )
     path = tmp_path / "pretrained"
     vit_checkpoint.save(VisionTransformer(config), path, provenance={"mlflow_run_id": "pre123"})
@@ -83,8 +91,18 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
         assert logged == {"figures/confusion_matrix.png", "figures/test_predictions.png"}
     meta = vit_checkpoint.read_metadata(Path(outcomes[0].checkpoint_path))
     assert meta.config.image_size == (12, 12)
+    assert meta.config.preprocessing.resize_size == 12  # the crop's share kept at 12 px
     assert meta.config.num_classes == 10
     assert meta.config.representation_size is None
+    assert meta.provenance["stage"] == "finetune"
+    assert meta.provenance["pretrain_run"] == "pre123"
+    assert meta.provenance["pretrain_checkpoint"] == str(pretrained)
+    trial_run = mlflow.get_run(meta.provenance["mlflow_run_id"])
+    assert trial_run.data.tags["mlflow.parentRunId"] == outcomes[0].run_id
+    # What is registered (and served) is the model alone, without the optimizer state.
+    version = mlflow.get_model_version("vit-digits", outcomes[0].model_version)
+    files = {Path(a.path).name for a in mlflow.list_artifacts(version.run_id, "checkpoint")}
+    assert files == {"model.safetensors", "vit.json"}
     print(finetune.format_table(outcomes))
 
 
@@ -111,6 +129,119 @@ def test_a_sweep_whose_trials_all_fail_leaves_no_run_running(
     assert statuses.pop("doomed-finetune") == "FAILED"  # the sweep
     assert statuses.pop("finetune-digits") == "FAILED"  # its dataset
     assert set(statuses.values()) == {"FAILED"}  # its one trial
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_interrupted_sweep_registers_nothing_and_ends_killed(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    """Tune catches the stop signal and returns its trials as they stood; none may be chosen."""
+    config = FinetuneConfig(
+        checkpoint=str(pretrained),
+        datasets=("digits", "mnist-5k"),
+        learning_rates=(0.1,),
+        steps=1_000_000,  # still training when the signal comes
+        batch_size=16,
+        warmup_steps=1,
+        eval_every=100_000,
+        storage_path=str(tmp_path / "tune"),
+        sweep_name="interrupted",
+    )
+    mlflow = tracking.client()
+
+    def interrupt_once_a_trial_trains() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            experiment = mlflow.get_experiment_by_name(config.experiment)
+            trials = "tags.vitray_stage = 'trial'"
+            if experiment and mlflow.search_runs([experiment.experiment_id], trials):
+                os.kill(os.getpid(), signal.SIGUSR1)  # what Tune also treats as Ctrl-C
+                return
+            time.sleep(0.5)
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # outside the sweep: harmless
+    interrupter = threading.Thread(target=interrupt_once_a_trial_trains, daemon=True)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped before its trials ended"):
+            finetune.run(config)
+    finally:
+        interrupter.join()
+        signal.signal(signal.SIGUSR1, previous)
+    runs = mlflow.search_runs([tracking.experiment_id(config.experiment)])
+    statuses = {r.data.tags["mlflow.runName"]: r.info.status for r in runs}
+    assert statuses.pop("interrupted-finetune") == "KILLED"  # the sweep
+    assert statuses.pop("finetune-digits") == "KILLED"  # the dataset it was on; no next one
+    assert list(statuses.values()) == ["KILLED"]  # its one trial
+    assert not mlflow.search_model_versions("name = 'vit-digits'")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    config = FinetuneConfig(
+        checkpoint=str(pretrained),
+        datasets=("digits",),
+        learning_rates=(0.1,),
+        steps=1_500,
+        batch_size=64,
+        warmup_steps=2,
+        eval_every=100,
+        storage_path=str(tmp_path / "tune"),
+        sweep_name="crash",
+        register=False,
+    )
+    mlflow = tracking.client()
+    killed: list[int] = []
+
+    def kill_the_trial_after_two_checkpoints() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            experiment = mlflow.get_experiment_by_name(config.experiment)
+            trials = "tags.vitray_stage = 'trial'" if experiment else None
+            runs = mlflow.search_runs([experiment.experiment_id], trials) if trials else []
+            if runs and len(mlflow.get_metric_history(runs[0].info.run_id, "dev/accuracy")) >= 2:
+                # Every live trial process: a test before this one may leave one shutting down.
+                # Tune names the class `ImplicitFunc` or `wrap_function.<locals>.ImplicitFunc`.
+                alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                for actor in (a for a in alive if a.class_name.endswith("ImplicitFunc")):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(actor.pid, signal.SIGKILL)
+                        killed.append(actor.pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_trial_after_two_checkpoints, daemon=True)
+    killer.start()
+    [outcome] = finetune.run(config)
+    killer.join()
+    assert killed, "the trial ended before it could be killed"
+    assert outcome.failed == 0 and outcome.trials == 1
+    trial_runs = mlflow.search_runs(
+        [tracking.experiment_id(config.experiment)],
+        filter_string=f"tags.mlflow.parentRunId = '{outcome.run_id}'",
+    )
+    assert len(trial_runs) == 1  # the restarted trial went on in its own run
+    trial_run = trial_runs[0].info
+    assert trial_run.status == "FINISHED"
+    [resumed] = mlflow.get_metric_history(trial_run.run_id, "trial/resumed_at_step")
+    assert resumed.value >= 100 and resumed.value % 100 == 0  # a checkpoint, not step 0
+    steps = [m.step for m in mlflow.get_metric_history(trial_run.run_id, "dev/accuracy")]
+    assert steps[-1] == config.steps
+
+
+def test_the_best_trial_is_chosen_among_those_that_ran_every_step() -> None:
+    """A trial ASHA stopped early is compared only when none ran to the end."""
+    stopped = SimpleNamespace(metrics={"dev_accuracy": 0.9, "step": 20})
+    completed = SimpleNamespace(metrics={"dev_accuracy": 0.8, "step": 80})
+    assert finetune._best([stopped, completed], steps=80) is completed
+    assert finetune._best([stopped], steps=80) is stopped
+
+
+def test_tune_storage_keeps_uris_and_makes_folders_absolute() -> None:
+    assert finetune._storage_path("s3://bucket/tune") == "s3://bucket/tune"
+    assert finetune._storage_path("runs/tune") == str(Path("runs/tune").resolve())
 
 
 def test_a_higher_fine_tuning_resolution_scales_the_evaluation_resize() -> None:
