@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,21 +42,35 @@ def pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def small_sweep(pretrained: Path, tmp_path: Path, **settings: Any) -> FinetuneConfig:
+    """One learning rate on digits, 64 images a step; `settings` change any of it."""
+    return FinetuneConfig(
+        **{
+            "checkpoint": str(pretrained),
+            "datasets": ("digits",),
+            "learning_rates": (0.1,),
+            "batch_size": 64,
+            "warmup_steps": 2,
+            "storage_path": str(tmp_path / "tune"),
+            **settings,
+        }
+    )
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
     pretrained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(pretrained.parent)  # a relative checkpoint path, as users type it
-    config = FinetuneConfig(
+    config = small_sweep(
+        pretrained,
+        tmp_path,
         checkpoint=pretrained.name,
         datasets=("digits", "mnist-5k"),
         learning_rates=(0.1, 1e38),  # the second one overflows to inf, then NaN
         steps=40,
-        batch_size=64,
-        warmup_steps=2,
         eval_every=20,
         image_size=12,  # fine-tune at a higher resolution than pretraining (8 px)
-        storage_path=str(tmp_path / "tune"),
         sweep_name="test-sweep",
     )
     outcomes = finetune.run(config)
@@ -110,16 +125,8 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
 def test_a_sweep_whose_trials_all_fail_leaves_no_run_running(
     pretrained: Path, tmp_path: Path
 ) -> None:
-    config = FinetuneConfig(
-        checkpoint=str(pretrained),
-        datasets=("digits",),
-        learning_rates=(1e38,),
-        steps=4,
-        batch_size=64,
-        warmup_steps=1,
-        eval_every=2,
-        storage_path=str(tmp_path / "tune"),
-        sweep_name="doomed",
+    config = small_sweep(
+        pretrained, tmp_path, learning_rates=(1e38,), steps=4, eval_every=2, sweep_name="doomed"
     )
     with pytest.raises(RuntimeError, match="every trial failed on digits"):
         finetune.run(config)
@@ -136,15 +143,12 @@ def test_an_interrupted_sweep_registers_nothing_and_ends_killed(
     pretrained: Path, tmp_path: Path
 ) -> None:
     """Tune catches the stop signal and returns its trials as they stood; none may be chosen."""
-    config = FinetuneConfig(
-        checkpoint=str(pretrained),
+    config = small_sweep(
+        pretrained,
+        tmp_path,
         datasets=("digits", "mnist-5k"),
-        learning_rates=(0.1,),
         steps=1_000_000,  # still training when the signal comes
-        batch_size=16,
-        warmup_steps=1,
         eval_every=100_000,
-        storage_path=str(tmp_path / "tune"),
         sweep_name="interrupted",
     )
     mlflow = tracking.client()
@@ -180,17 +184,8 @@ def test_an_interrupted_sweep_registers_nothing_and_ends_killed(
 def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(
     pretrained: Path, tmp_path: Path
 ) -> None:
-    config = FinetuneConfig(
-        checkpoint=str(pretrained),
-        datasets=("digits",),
-        learning_rates=(0.1,),
-        steps=1_500,
-        batch_size=64,
-        warmup_steps=2,
-        eval_every=100,
-        storage_path=str(tmp_path / "tune"),
-        sweep_name="crash",
-        register=False,
+    config = small_sweep(
+        pretrained, tmp_path, steps=1_500, eval_every=100, sweep_name="crash", register=False
     )
     mlflow = tracking.client()
     killed: list[int] = []
