@@ -437,7 +437,9 @@ def _trial(
         step = saved["step"]
     trial_name = tune.get_context().get_trial_name()
     mlflow = tracking.client(uri)
-    run_id = _trial_run(mlflow, config.experiment, parent_run, trial_name, provenance, uri)
+    run_id = _trial_run(
+        mlflow, config.experiment, parent_run, trial_name, provenance["dataset"], uri
+    )
     try:
         if saved:  # each restart is on record: the step its checkpoint held
             mlflow.log_metric(run_id, "trial/resumed_at_step", step, step=step)
@@ -504,7 +506,7 @@ def _trial_run(
     experiment: str,
     parent_run: str,
     trial_name: str,
-    provenance: dict[str, str],
+    dataset: str,
     uri: str,
 ) -> str:
     """The trial's MLflow run: the one a restarted trial started before, else a new one.
@@ -512,15 +514,14 @@ def _trial_run(
     Tune restarts a trial whose process died, from its latest checkpoint or, with none yet,
     from the start; either way its steps belong to one run.
     """
-    experiment_id = mlflow.get_run(parent_run).info.experiment_id
     mine = f"tags.mlflow.parentRunId = '{parent_run}' and tags.mlflow.runName = '{trial_name}'"
-    for run in mlflow.search_runs([experiment_id], filter_string=mine):
+    for run in mlflow.search_runs([tracking.experiment_id(experiment, uri)], filter_string=mine):
         return run.info.run_id
     return tracking.start_run(
         trial_name,
         experiment=experiment,
         parent_run_id=parent_run,
-        tags={"vitray_stage": "trial", "vitray_dataset": provenance["dataset"]},
+        tags={"vitray_stage": "trial", "vitray_dataset": dataset},
         uri=uri,
     )
 
