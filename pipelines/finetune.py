@@ -16,6 +16,7 @@ trials through the object store instead of being decoded again by every trial.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -94,31 +95,61 @@ class DatasetOutcome:
     seconds: float
 
 
+class Sweep:
+    """A sweep's MLflow run, which its datasets' runs hang below, and the tuning of each dataset.
+
+    The run opens when the first dataset is tuned: a caller that reuses every dataset's earlier
+    result (the pipeline's stage cache) opens no empty sweep. Leaving the `with` block ends it,
+    FAILED or KILLED when the block raises.
+    """
+
+    def __init__(self, config: FinetuneConfig, *, parent_run_id: str | None = None) -> None:
+        # Trials run in their own working directories: a relative path would not be found there.
+        checkpoint = resolve_checkpoint(config.checkpoint).resolve()
+        self.config = replace(config, checkpoint=str(checkpoint))
+        meta = vit_checkpoint.read_metadata(checkpoint)
+        self.pretrained = meta.config
+        self.pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
+        self.parent_run_id = parent_run_id
+        self.uri = tracking.tracking_uri()
+        self.run_id: str | None = None
+        self._ending = contextlib.ExitStack()
+
+    def __enter__(self) -> Sweep:
+        return self
+
+    def __exit__(self, *raised: Any) -> bool | None:
+        return self._ending.__exit__(*raised)
+
+    def tune(self, dataset: str) -> DatasetOutcome:
+        """Search one dataset's learning rate and register its best model."""
+        run_id = self.run_id or self._open()
+        return _tune_dataset(
+            self.config, self.pretrained, dataset, run_id, self.pretrain_run, self.uri
+        )
+
+    def _open(self) -> str:
+        kind = "scratch" if self.config.from_scratch else "finetune"
+        self.run_id = tracking.start_run(
+            f"{self.config.sweep_name}-{kind}",
+            experiment=self.config.experiment,
+            parent_run_id=self.parent_run_id,
+            tags={
+                "vitray_stage": kind,
+                "vitray_pretrain_run": self.pretrain_run,
+                "vitray_pretrain_checkpoint": self.config.checkpoint,
+            },
+            uri=self.uri,
+        )
+        self._ending.enter_context(tracking.ending(self.run_id, self.uri))
+        tracking.log_params(self.run_id, self.config, self.uri)
+        return self.run_id
+
+
 def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[DatasetOutcome]:
     """Run the sweep dataset by dataset; returns one outcome per dataset."""
-    # Trials run in their own working directories: a relative path would not be found there.
-    config = replace(config, checkpoint=str(resolve_checkpoint(config.checkpoint).resolve()))
-    _, meta = vit_checkpoint.load(config.checkpoint)
-    uri = tracking.tracking_uri()
-    kind = "scratch" if config.from_scratch else "finetune"
-    sweep_run = tracking.start_run(
-        f"{config.sweep_name}-{kind}",
-        experiment=config.experiment,
-        parent_run_id=parent_run_id,
-        tags={
-            "vitray_stage": kind,
-            "vitray_pretrain_run": str(meta.provenance.get("mlflow_run_id", "")),
-            "vitray_pretrain_checkpoint": config.checkpoint,
-        },
-        uri=uri,
-    )
-    pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
-    with tracking.ending(sweep_run, uri):
-        tracking.log_params(sweep_run, config, uri)
-        return [
-            _tune_dataset(config, meta.config, name, sweep_run, pretrain_run, uri)
-            for name in config.datasets
-        ]
+    with Sweep(config, parent_run_id=parent_run_id) as sweep:
+        return [sweep.tune(name) for name in config.datasets]
 
 
 def format_table(outcomes: list[DatasetOutcome]) -> str:

@@ -162,10 +162,11 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
         """Hang a stage's run below this invocation's parent run (a reused one too)."""
         mlflow.set_tag(run_id, PARENT_TAG, parent)
 
-    def adopt_sweep(outcomes: list[dict[str, Any]]) -> None:
-        """A fine-tuning sweep's run: the parent of its per-dataset runs."""
-        if outcomes:
-            adopt(mlflow.get_run(outcomes[0]["run_id"]).data.tags[PARENT_TAG])
+    def adopt_sweeps(outcomes: list[dict[str, Any]]) -> None:
+        """The fine-tuning sweep runs the per-dataset runs hang below: datasets reused from an
+        earlier invocation keep the sweep that tuned them."""
+        for sweep in {mlflow.get_run(o["run_id"]).data.tags[PARENT_TAG] for o in outcomes}:
+            adopt(sweep)
 
     source = config.pretrain.dataset
     # Absolute: Ray Data tasks on other nodes do not share this driver's working directory.
@@ -217,21 +218,13 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
         adopt(result["run_id"])
         fewshot[dataset] = result
     tune_config = dataclasses.replace(config.finetune, checkpoint=checkpoint)
-    transferred = cache.run(
-        "finetune",
-        {"config": tracking.config_hash(tune_config), "data": downstream},
-        lambda: finetune.run(tune_config, parent_run_id=parent),
-    )
-    adopt_sweep(transferred)
+    transferred = cached_sweep(cache, "finetune", tune_config, downstream, parent)
+    adopt_sweeps(transferred)
     scratch: list[dict[str, Any]] = []
     if config.scratch_baseline:
         scratch_config = dataclasses.replace(tune_config, from_scratch=True, register=False)
-        scratch = cache.run(
-            "scratch",
-            {"config": tracking.config_hash(scratch_config), "data": downstream},
-            lambda: finetune.run(scratch_config, parent_run_id=parent),
-        )
-        adopt_sweep(scratch)
+        scratch = cached_sweep(cache, "scratch", scratch_config, downstream, parent)
+        adopt_sweeps(scratch)
     banner("serve")
     # The versions this run registered, not whatever `@champion` names by now: a reused sweep's
     # alias may since have moved to another run's model.
@@ -257,6 +250,33 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
     mlflow.log_dict(parent, summary, "summary.json")
     mlflow.log_text(parent, format_summary(summary), "summary.md")
     return summary
+
+
+def cached_sweep(
+    cache: StageCache,
+    stage: str,
+    config: FinetuneConfig,
+    data: dict[str, str],
+    parent_run_id: str | None,
+) -> list[dict[str, Any]]:
+    """A fine-tuning sweep cached dataset by dataset, each keyed by the sweep's settings and its
+    own data (`data`: dataset -> fingerprint).
+
+    A sweep that fails on its seventh dataset keeps the six it finished: the rerun tunes only
+    what is left, and adding a dataset to the list tunes only the new one.
+    """
+    with finetune.Sweep(config, parent_run_id=parent_run_id) as sweep:
+        return [
+            cache.run(
+                f"{stage}-{dataset}",
+                {
+                    "config": tracking.config_hash(dataclasses.replace(config, datasets=())),
+                    "data": data[dataset],
+                },
+                lambda d=dataset: sweep.tune(d),
+            )
+            for dataset in config.datasets
+        ]
 
 
 def _smoke_query(url: str, dataset: str) -> dict[str, Any]:

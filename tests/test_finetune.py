@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +18,10 @@ import pytest
 from ray.util.state import list_actors
 
 from pipelines import finetune, tracking
+from pipelines.datasets import fingerprint
 from pipelines.finetune import FinetuneConfig
+from pipelines.ingest import DataQualityError
+from pipelines.pipeline import StageCache, cached_sweep
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 from vit.config import Preprocessing
@@ -136,6 +140,42 @@ def test_a_sweep_whose_trials_all_fail_leaves_no_run_running(
     assert statuses.pop("doomed-finetune") == "FAILED"  # the sweep
     assert statuses.pop("finetune-digits") == "FAILED"  # its dataset
     assert set(statuses.values()) == {"FAILED"}  # its one trial
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_cached_sweep_keeps_the_datasets_it_finished_when_a_later_one_fails(
+    pretrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unreadable = tmp_path / "unreadable"
+    for label in ("cat", "dog"):
+        (unreadable / label).mkdir(parents=True)
+        for i in range(8):
+            (unreadable / label / f"{i}.png").write_bytes(b"not a png")
+    config = small_sweep(
+        pretrained,
+        tmp_path,
+        datasets=("digits", str(unreadable)),
+        steps=4,
+        eval_every=2,
+        sweep_name="cached",
+    )
+    cache = StageCache(tmp_path / "state.json", context={})
+    data = {d: fingerprint(d) for d in config.datasets}
+    with pytest.raises(DataQualityError, match="images unreadable"):
+        cached_sweep(cache, "finetune", config, data, parent_run_id=None)
+    # The rerun, with the broken dataset left out, tunes nothing: digits is done.
+    [kept] = cached_sweep(cache, "finetune", replace(config, datasets=("digits",)), data, None)
+    reused = "finetune-digits: inputs unchanged, reusing the finished result"
+    assert reused in capsys.readouterr().out
+    mlflow = tracking.client()
+    runs = mlflow.search_runs([tracking.experiment_id(config.experiment)])
+    sweeps = [r for r in runs if r.data.tags["mlflow.runName"] == "cached-finetune"]
+    assert [r.info.status for r in sweeps] == ["FAILED"]  # no second, empty sweep run
+    digits_run = mlflow.get_run(kept["run_id"])
+    assert digits_run.info.status == "FINISHED"
+    assert digits_run.data.tags["mlflow.parentRunId"] == sweeps[0].info.run_id
+    [version] = mlflow.search_model_versions("name = 'vit-digits'")
+    assert version.version == kept["model_version"]
 
 
 @pytest.mark.usefixtures("ray_local")

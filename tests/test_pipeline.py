@@ -218,8 +218,8 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
     assert len(mlflow.list_artifacts(analyze.info.run_id, "figures")) == 4
 
     again = submit_pipeline(cluster, free_port())
-    # prepare, pretrain, analyze, 3 few-shot, 2 tunes
-    assert again.count("reusing the finished result") == 8
+    # prepare, pretrain, analyze, and each of the 3 datasets: few-shot, fine-tuned, from scratch
+    assert again.count("reusing the finished result") == 12
     assert "succeeded" in again
 
 
