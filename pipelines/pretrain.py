@@ -83,6 +83,40 @@ class PretrainConfig:
     experiment: str = tracking.DEFAULT_EXPERIMENT
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse counts that cannot work here, not in the workers: they divide by them, and
+        Ray would retry each failing worker `max_failures` times before the error showed."""
+        positive = (
+            "steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "keep_checkpoints",
+            "eval_every",
+            "checkpoint_every",
+            "log_every",
+        )
+        wrong = [name for name in positive if getattr(self, name) < 1]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} must be at least 1")
+
+
+# What a resumed run may change: where and how wide it runs, not what it learns.
+RESUMABLE_SETTINGS = frozenset(
+    {
+        "num_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "extra_resources_per_worker",
+        "micro_batch_size",
+        "max_failures",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "storage_path",
+    }
+)
+
 
 @dataclass(frozen=True)
 class PretrainResult:
@@ -122,24 +156,24 @@ def run(
     resources = {"CPU": config.cpus_per_worker, **config.extra_resources_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=RunConfig(
-            name=config.run_name,
-            storage_path=storage,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-        ),
-        datasets={"train": train, "dev": dev},
-    )
-    with tracking.ending(run_id, uri):
+    with tracking.ending(run_id, uri):  # also when Ray refuses a setting below
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers,
+                use_gpu=config.use_gpu,
+                resources_per_worker=resources,
+            ),
+            run_config=RunConfig(
+                name=config.run_name,
+                storage_path=storage,
+                storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            ),
+            datasets={"train": train, "dev": dev},
+        )
         result = trainer.fit()
         errors = ray.get(tracker.summary.remote())
         mlflow = tracking.client(uri)
@@ -241,9 +275,13 @@ def _find_or_start_run(
         metadata = f"{root}/{config.run_name}/{latest['checkpoint_dir_name']}/model/vit.json"
         with fs.open_input_stream(metadata) as stream:
             run_id = json.loads(stream.read())["provenance"].get("mlflow_run_id")
+        run = None
         with contextlib.suppress(MlflowException):  # logged to another tracking server
-            if run_id and mlflow.get_run(run_id):
-                return run_id
+            run = mlflow.get_run(run_id) if run_id else None
+        if run is not None and run.info.lifecycle_stage == "active":  # not deleted in the UI
+            _refuse_another_recipe(config, run.data.params)
+            mlflow.update_run(run_id, status="RUNNING")  # it ended FAILED or KILLED
+            return run_id
     run_id = tracking.start_run(
         config.run_name,
         experiment=config.experiment,
@@ -258,6 +296,27 @@ def _find_or_start_run(
     )
     tracking.log_params(run_id, config, uri)
     return run_id
+
+
+def _refuse_another_recipe(config: PretrainConfig, logged: dict[str, str]) -> None:
+    """Raise if resuming would train with other settings than the run's checkpoint holds.
+
+    The checkpoint restores the model, the optimizer's learning rate, weight decay and betas,
+    and the schedule's position, so a changed learning rate would be silently ignored and the
+    run's logged params would describe another run. Where and how wide it runs may change.
+    """
+    changed = sorted(
+        key
+        for key, value in tracking.flatten(config).items()
+        if key.split(".")[0] not in RESUMABLE_SETTINGS
+        and logged.get(key, value[:6000]) != value[:6000]  # MLflow keeps 6,000 characters
+    )
+    if changed:
+        raise ValueError(
+            f"run {config.run_name!r} has checkpoints trained with other {', '.join(changed)}; "
+            "resume it with the settings it was started with, or give the new settings a new "
+            "run_name"
+        )
 
 
 def _is_number(value: Any) -> bool:
@@ -279,7 +338,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     if restored:
         with restored.as_directory() as directory:
             model, _ = vit_checkpoint.load(Path(directory) / "model")
-            saved = torch.load(Path(directory) / TRAIN_STATE_FILE, weights_only=True)
+            # On the CPU: saved tensors would otherwise go back to the GPU they were saved
+            # from, rank 0's, which every worker of a node sees as cuda:0.
+            saved = torch.load(
+                Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True
+            )
     else:
         model = VisionTransformer(loop_config["model_config"])
     optimizer = torch.optim.AdamW(
@@ -291,6 +354,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
+        del saved  # the optimizer holds its own copy now
     model = ray.train.torch.prepare_model(model)  # DDP
     _move_optimizer_state(optimizer, device)
     # Dropout and stochastic depth: other masks on each rank, and after a restart other masks
@@ -455,7 +519,9 @@ def _dev_accuracy(model: torch.nn.Module, device: torch.device) -> float:
     totals = torch.tensor([correct, seen], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    return float(totals[0] / max(totals[1], 1))
+    if totals[1] == 0:  # no dev rows (a tiny dataset): no accuracy, rather than a false 0.0
+        return float("nan")
+    return float(totals[0] / totals[1])
 
 
 def _report_with_checkpoint(

@@ -6,6 +6,7 @@ nodes, as on a real cluster. MLflow runs on a real SQLite backend in the test's 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -177,6 +178,22 @@ def test_a_failed_run_ends_failed_in_mlflow(cluster: Cluster, tmp_path: Path) ->
     assert run.info.status == "FAILED"
 
 
+def test_a_setting_ray_refuses_ends_the_run_failed(cluster: Cluster, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "refused", num_workers=(2, 1))
+    with pytest.raises(ValueError, match="min_workers=2 must be <= max_workers=1"):
+        pretrain.run(config)
+    (run,) = tracking.client().search_runs(
+        [tracking.experiment_id(config.experiment)],
+        filter_string="tags.vitray_run_name = 'refused'",
+    )
+    assert run.info.status == "FAILED"  # not RUNNING for ever
+
+
+def test_counts_and_periods_below_one_are_refused_up_front(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="eval_every, log_every must be at least 1"):
+        tiny_config(tmp_path, "never", eval_every=0, log_every=0)
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -232,6 +249,13 @@ def test_checkpoints_go_to_object_storage_and_a_rerun_without_them_starts_afresh
         pafs.FileSelector(f"{result.checkpoint_path}/model", recursive=False)
     )
     assert sorted(info.base_name for info in listing) == ["model.safetensors", "vit.json"]
+    # Resuming restores the optimizer's settings: other ones would be silently ignored.
+    with pytest.raises(ValueError, match=r"trained with other learning_rate, model\.width; resume"):
+        pretrain.run(
+            dataclasses.replace(
+                config, learning_rate=1e-3, model=config.model.replace(width=64), num_workers=2
+            )
+        )
 
     # The checkpoints are gone: the rerun trains from step 0 again, so it gets its own MLflow
     # run rather than having every step dropped as already logged in the old one.
