@@ -36,6 +36,7 @@ from pipelines.sources import (
     SplitFractions,
     assign_splits,
     empty_rows,
+    holds_parquet,
     key_units,
     resolve_uri,
 )
@@ -322,9 +323,8 @@ def _open(
         )
     if info.type == pafs.FileType.File:
         return ParquetSource.scan(fs, path)
-    children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    if any(c.type == pafs.FileType.File and c.path.endswith(".parquet") for c in children):
-        return ParquetSource.scan(fs, path)  # shards lie at the top, as prepare writes them
+    if holds_parquet(fs, path):
+        return ParquetSource.scan(fs, path)
     return FolderSource.scan(fs, path)
 
 

@@ -112,14 +112,48 @@ def split_names(values: Iterable[str | None], where: str) -> list[str]:
     return names
 
 
+def split_of_folder(name: str) -> str | None:
+    """The split a folder's name gives, as split folders and Hive partitions name it:
+    ``train``, ``validation``, ``split=test``."""
+    return SPLIT_ALIASES.get(name.lower().removeprefix("split="))
+
+
 def split_of_path(rel: str) -> str | None:
     """The split a file's path names, as Hugging Face and folder layouts do:
     ``train/part-0.parquet``, ``data/test-00000-of-00001.parquet``, ``validation.parquet``."""
     *folders, name = rel.lower().split("/")
     for folder in folders:
-        if folder in SPLIT_ALIASES:
-            return SPLIT_ALIASES[folder]
+        if split_of_folder(folder):
+            return split_of_folder(folder)
     return SPLIT_ALIASES.get(re.split(r"[-_.]", name, maxsplit=1)[0])
+
+
+def holds_parquet(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether a folder is a Parquet dataset: files at its top, as `prepare` writes them, or one
+    folder down where Hugging Face and Hive put them (``data/``, ``train/``, ``split=train/``).
+
+    Only folders of those names are listed, never an image dataset's class folders: on object
+    storage each listing is a request, and an image dataset may have a thousand classes.
+    """
+
+    def parquet(infos: list[pafs.FileInfo]) -> bool:
+        return any(
+            i.type == pafs.FileType.File
+            and i.base_name.endswith(".parquet")
+            and not is_hidden(i.base_name)
+            for i in infos
+        )
+
+    children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    if parquet(children):
+        return True
+    layout = [
+        c.path
+        for c in children
+        if c.type == pafs.FileType.Directory
+        and (c.base_name == "data" or split_of_folder(c.base_name))
+    ]
+    return any(parquet(fs.get_file_info(pafs.FileSelector(d))) for d in layout)
 
 
 def assign_splits(

@@ -259,8 +259,17 @@ def test_parquet_without_a_dev_split_gets_one_from_its_train_rows(tmp_path: Path
     assert 15 < len(dev) < 45 and not dev & declared_test  # about a tenth of train
 
 
-def test_parquet_files_named_by_split_keep_their_split(tmp_path: Path) -> None:
-    """The Hugging Face layout: no split column, the split in each file's name."""
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "{split}-00000-of-00001.parquet",
+        "data/{split}-00000-of-00001.parquet",  # a Hugging Face dataset repository
+        "{split}/part-0.parquet",
+        "split={split}/part-0.parquet",  # Hive partitions
+    ],
+)
+def test_parquet_files_named_by_split_keep_their_split(tmp_path: Path, layout: str) -> None:
+    """Hugging Face and Hive layouts: no split column, the split in each file's path."""
     for split, start, count in (("train", 0, 300), ("test", 300, 100)):
         table = pa.table(
             {
@@ -269,7 +278,10 @@ def test_parquet_files_named_by_split_keep_their_split(tmp_path: Path) -> None:
                 "label": [i % 2 for i in range(start, start + count)],
             }
         )
-        pq.write_table(table, tmp_path / f"{split}-00000-of-00001.parquet")
+        path = tmp_path / layout.format(split=split)
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(table, path)
+    assert describe(str(tmp_path)).class_names == ("0", "1")
     splits = {key: split for key, (_, _, split) in rows(read_dataset(str(tmp_path))).items()}
     declared_test = {f"k{i}" for i in range(300, 400)}
     assert {k for k, s in splits.items() if s == "test"} == declared_test
