@@ -59,7 +59,8 @@ def run_fewshot(
     ``seeds``: a count (seeds 0..n-1) or the seeds themselves. ``max_train_rows`` /
     ``max_test_rows`` cap the rows featurised per split by a hash of each row's key (the same
     rows on every run, classes kept in proportion); they apply where the split size is known
-    up front (catalog sets, prepared shards). The dev set that picks the L2 strength is the
+    up front (catalog sets, prepared shards), and the train cap rises with the number of classes
+    (see ``_train_cap``). The dev set that picks the L2 strength is the
     last ``dev_per_class`` train rows of each class (see ``vit.evaluate.fewshot_evaluate``).
 
     Returns {"run_id", "accuracy": {shots: (mean, std)}, "metrics", "train_rows",
@@ -79,6 +80,7 @@ def run_fewshot(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = vit_checkpoint.load(directory, map_location=device)
     info = describe(dataset)
+    train_cap = _train_cap(max_train_rows, info.num_classes, shot_list, dev_per_class)
     uri = uri or tracking.tracking_uri()
     tags = {"vitray_stage": STAGE, "vitray_dataset": dataset, "vitray_checkpoint": str(directory)}
     parent = meta.provenance.get("mlflow_run_id")
@@ -98,27 +100,33 @@ def run_fewshot(
             "dev_per_class": dev_per_class,
             "l2_grid": f"2^-10..2^19 ({len(DEFAULT_L2_GRID)} values)",
             "max_train_rows": max_train_rows,
+            "train_rows_cap": train_cap,
             "max_test_rows": max_test_rows,
             "model": meta.config.to_dict(),
         }
         tracking.log_params(run_id, params, uri)
-        tracker = start_error_tracker()
         sizes = info.split_sizes or {}
-        features = {}
-        for split, cap in (("train", max_train_rows), ("test", max_test_rows)):
+        features, bad = {}, 0
+        for split, cap in (("train", train_cap), ("test", max_test_rows)):
+            tracker = start_error_tracker()  # one per split: each is judged on its own rows
             tokens = _split_tokens(dataset, split, meta.config, cap, sizes.get(split), tracker)
             batches = tokens.iter_batches(batch_size=batch_size, batch_format="numpy")
-            features[split] = extract_features(model, batches, device)
+            try:
+                features[split] = extract_features(model, batches, device)
+            except ValueError:  # no rows at all: name the unreadable images if that is why
+                check_bad_fraction(tracker, IngestConfig())
+                raise
             check_bad_fraction(tracker, IngestConfig())
-        bad = int(ray.get(tracker.summary.remote())["bad"])
+            bad += int(ray.get(tracker.summary.remote())["bad"])
         (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
         # Small sets cannot afford every shot count: drop those the rarest class cannot fill.
         rarest = int(np.bincount(train_y, minlength=info.num_classes).min())
-        feasible = [k for k in shot_list if k + dev_per_class <= rarest]
+        feasible = feasible_shots(shot_list, dev_per_class, rarest)
         if not feasible:
             raise ValueError(
-                f"{dataset}: the rarest class has {rarest} training examples, too few for "
-                f"{min(shot_list)} shots plus {dev_per_class} dev examples"
+                f"{dataset}: none of {shot_list} shots fits: the rarest class has {rarest} "
+                f"training examples for the shots and {dev_per_class} dev examples"
+                + ("; without dev examples each class needs 2 shots" if not dev_per_class else "")
             )
         if len(feasible) < len(shot_list):
             skipped = sorted(set(shot_list) - set(feasible))
@@ -150,6 +158,26 @@ def run_fewshot(
         "num_classes": info.num_classes,
         "bad_images": bad,
     }
+
+
+def feasible_shots(shots: Sequence[int], dev_per_class: int, rarest: int) -> list[int]:
+    """The shot counts whose shots and dev rows the rarest class can fill. Without dev rows the
+    L2 strength is chosen on a slice of the shots themselves, which takes two a class."""
+    return [k for k in shots if k + dev_per_class <= rarest and (dev_per_class or k >= 2)]
+
+
+def _train_cap(
+    cap: int | None, num_classes: int, shots: Sequence[int], dev_per_class: int
+) -> int | None:
+    """The train rows to featurise: ``cap``, raised so that an average class keeps three times
+    the rows its largest shot count and dev set need.
+
+    The cap thins every class alike: 20,000 rows of a 1,000-class set would leave each class
+    about 20, too few for the paper's 25 shots plus 10 dev rows.
+    """
+    if cap is None:
+        return None
+    return max(cap, 3 * num_classes * (max(shots) + dev_per_class))
 
 
 def _split_tokens(

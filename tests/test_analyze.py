@@ -63,6 +63,11 @@ def test_job_writes_and_logs_the_four_figures(
     assert all(0 < m.value < 2 * 3 * 2**0.5 for m in history)
 
 
-def test_unknown_dataset_fails_before_logging(ray_local: None, checkpoint_dir: Path) -> None:
+def test_unknown_dataset_fails_before_logging(
+    ray_local: None, checkpoint_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(Exception, match="no-such-dataset"):
         analyze_job.main(["--checkpoint", str(checkpoint_dir), "--dataset", "no-such-dataset"])
+    assert not tracking.client(uri).search_experiments(filter_string="name = 'vitray'")

@@ -12,7 +12,8 @@ import torch
 from jobs import fewshot as fewshot_job
 from pipelines import tracking
 from pipelines.datasets import DIGIT_CLASSES, describe
-from pipelines.fewshot import _keep_by_key_hash, run_fewshot
+from pipelines.fewshot import _keep_by_key_hash, _train_cap, feasible_shots, run_fewshot
+from pipelines.ingest import DataQualityError
 from pipelines.training import resolve_checkpoint
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
@@ -110,7 +111,29 @@ def test_checkpoint_resolution_and_key_hash_filter(tmp_path: Path, tiny_checkpoi
     ],
 )
 def test_impossible_options_are_refused_before_any_work(
-    tiny_checkpoint: Path, option: dict[str, int], message: str
+    tiny_checkpoint: Path, mlflow_uri: str, option: dict[str, int], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         run_fewshot(tiny_checkpoint, "digits", (1,), 1, **option)
+    assert not tracking.client(mlflow_uri).search_experiments(filter_string="name = 'vitray'")
+
+
+def test_shot_counts_fit_the_rarest_class_and_the_row_cap_every_class() -> None:
+    assert feasible_shots((1, 5, 10, 25), dev_per_class=10, rarest=20) == [1, 5, 10]
+    # Without dev rows the L2 strength is chosen on the shots: one a class cannot do it.
+    assert feasible_shots((1, 5, 10, 25), dev_per_class=0, rarest=20) == [5, 10]
+    assert _train_cap(20_000, 10, (1, 5, 10, 25), 10) == 20_000
+    assert _train_cap(20_000, 1000, (1, 5, 10, 25), 10) == 105_000  # ImageNet: 105 a class
+    assert _train_cap(None, 1000, (1, 5, 10, 25), 10) is None
+
+
+def test_a_split_of_unreadable_images_is_refused_with_examples(
+    ray_local: None, tiny_checkpoint: Path, mlflow_uri: str, tmp_path: Path
+) -> None:
+    (tmp_path / "unreadable" / "a").mkdir(parents=True)
+    (tmp_path / "unreadable" / "b").mkdir()
+    for label in ("a", "b"):
+        for i in range(20):
+            (tmp_path / "unreadable" / label / f"{i}.png").write_bytes(b"not a png")
+    with pytest.raises(DataQualityError, match=r"(\d+) of \1 images unreadable"):
+        run_fewshot(tiny_checkpoint, str(tmp_path / "unreadable"), (1,), 1)

@@ -92,7 +92,7 @@ def attention_distance(config: ViTConfig, maps: Sequence[torch.Tensor]) -> torch
     to the patches it attends to, averaged over query patches and images. Attention to the class
     token has no position, so each query's patch weights are renormalised to sum to one.
     """
-    distances = _patch_distances(config.grid_size, config.patch_size)
+    distances = _patch_distances(config.grid_size, config.patch_size).to(maps[0].device)
     per_layer = []
     for layer in maps:
         weights = _patch_to_patch(config.num_prefix_tokens, layer.float())

@@ -7,6 +7,7 @@ from sklearn.decomposition import PCA
 
 from vit import VisionTransformer, ViTConfig
 from vit.analysis import (
+    attention_maps,
     attention_rollout_map,
     embedding_filter_components,
     mean_attention_distance,
@@ -53,8 +54,13 @@ def test_rollout_map_reads_the_class_token_row(model):
 def test_rollout_map_of_a_gap_model_averages_patch_rows():
     torch.manual_seed(1)
     gap = VisionTransformer(SMALL.replace(pooling="gap")).eval()
-    result = attention_rollout_map(gap, torch.rand(1, 3, 32, 32))
-    assert result.shape == (1, 4, 4) and torch.isfinite(result).all()
+    images = torch.rand(1, 3, 32, 32)
+    result = attention_rollout_map(gap, images)
+    joint = rollout(attention_maps(gap, images))
+    prefix = gap.config.num_prefix_tokens
+    expected = joint[:, prefix:, prefix:].mean(dim=1)  # the patch rows' mean, over the patches
+    expected = expected / expected.amax(dim=1, keepdim=True)
+    torch.testing.assert_close(result, expected.reshape(1, 4, 4))
 
 
 def test_uniform_attention_has_the_mean_pairwise_distance(model):
