@@ -5,7 +5,8 @@
 
 A run is named by its config's `run_name`. Starting a run whose name already has checkpoints is
 refused unless `--resume` says to continue it, so a finished or crashed run is never silently
-overwritten nor silently continued.
+overwritten nor silently continued. A resume keeps the settings the run learns with (see
+`pretrain.RESUMABLE_SETTINGS` for those it may change).
 """
 
 from __future__ import annotations

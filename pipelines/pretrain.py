@@ -190,7 +190,10 @@ def run(
             for key in CURVES
         }
         figures.log_figure(mlflow, run_id, figures.training_curves(history), "figures/curves.png")
-    return PretrainResult(result.checkpoint.path, run_id, metrics)
+    path = result.checkpoint.path  # below the filesystem's root: a bucket key for s3://
+    if "://" in config.storage_path:
+        path = f"{config.storage_path.split('://', 1)[0]}://{path}"
+    return PretrainResult(path, run_id, metrics)
 
 
 def _train_rows(
@@ -375,7 +378,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             f"starting at step {state['step']} of {config.steps}",
             flush=True,
         )
-    batches = _endless_batches(ray.train.get_dataset_shard("train"), micro, device)
+    shard = ray.train.get_dataset_shard("train")
+    batches = _endless_batches(shard, micro, device, loop_config["tracker"])
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     model.train()
     window_start, window_images = time.perf_counter(), 0
@@ -472,7 +476,9 @@ def _mean_over_workers(value: torch.Tensor) -> float:
     return float(value)
 
 
-def _endless_batches(shard: Any, micro: int, device: torch.device) -> Any:
+def _endless_batches(
+    shard: Any, micro: int, device: torch.device, tracker: ray.actor.ActorHandle
+) -> Any:
     """Cycle over the streaming shard, one pass (epoch) after another."""
     while True:
         yielded = False
@@ -482,7 +488,11 @@ def _endless_batches(shard: Any, micro: int, device: torch.device) -> Any:
             yielded = True
             yield batch
         if not yielded:
-            raise RuntimeError("the training shard yielded no full batch: dataset too small")
+            read = ray.get(tracker.summary.remote())
+            raise RuntimeError(
+                f"the training shard yielded no full batch of {micro}: {read['rows_read']} rows "
+                f"read so far, {read['bad_reads']} of them unreadable images"
+            )
 
 
 def _maybe_no_sync(model: torch.nn.Module, sync: bool) -> Any:

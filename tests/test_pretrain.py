@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pyarrow.fs as pafs
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 from ray.train import TrainingFailedError
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 from pipelines import pretrain, tracking
 from pipelines.ingest import Augmentation, IngestConfig
 from pipelines.pretrain import PretrainConfig
+from pipelines.training import warmup_then_decay
 from vit.config import ViTConfig
 
 
@@ -159,6 +161,24 @@ def test_step_layout_splits_the_batch_evenly_at_any_worker_count() -> None:
         assert 4096 <= world * accumulation * micro < 4096 + world * accumulation
 
 
+def test_the_learning_rate_warms_up_linearly_then_decays_to_zero() -> None:
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    for decay, halfway in (("cosine", 0.5), ("linear", 0.5)):
+        optimizer = torch.optim.SGD([parameter], lr=2.0)
+        schedule = warmup_then_decay(optimizer, warmup_steps=4, total_steps=14, decay=decay)
+        rates = []
+        for _ in range(16):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert rates[:5] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0])  # step 4: the peak
+        assert rates[9] == pytest.approx(2.0 * halfway)  # halfway through the decay
+        assert rates[14:] == pytest.approx([0.0, 0.0])  # zero at total_steps, and after
+    cosine = warmup_then_decay(torch.optim.SGD([parameter], lr=1.0), 0, 10, "cosine")
+    linear = warmup_then_decay(torch.optim.SGD([parameter], lr=1.0), 0, 10, "linear")
+    assert cosine.lr_lambdas[0](2) > linear.lr_lambdas[0](2)  # cosine stays high for longer
+
+
 def test_a_failed_run_ends_failed_in_mlflow(cluster: Cluster, tmp_path: Path) -> None:
     # No full micro-batch of 4,096 in the digits training split: the worker raises.
     config = tiny_config(
@@ -221,14 +241,16 @@ def test_an_elastic_run_finishes_on_the_worker_left_when_a_node_goes(
     wait_for_checkpoint(config)
     doomed = next(node for node in cluster.worker_nodes)
     cluster.remove_node(doomed)
-    thread.join(timeout=600)
-    assert "error" not in outcome, outcome.get("error")
-    result = outcome["result"]
-    assert result.metrics["step"] == 60
-    assert result.metrics["world_size"] == 1
-    resumed = tracking.client().get_metric_history(result.run_id, "train/resumed_at_step")
-    assert len(resumed) == 1 and 0 < resumed[0].value < 60  # went on from its checkpoint
-    cluster.add_node(num_cpus=1, resources={"trainer": 1}, object_store_memory=150 * 2**20)
+    try:
+        thread.join(timeout=600)
+        assert "error" not in outcome, outcome.get("error")
+        result = outcome["result"]
+        assert result.metrics["step"] == 60
+        assert result.metrics["world_size"] == 1
+        resumed = tracking.client().get_metric_history(result.run_id, "train/resumed_at_step")
+        assert len(resumed) == 1 and 0 < resumed[0].value < 60  # went on from its checkpoint
+    finally:  # the module's later tests need both nodes
+        cluster.add_node(num_cpus=1, resources={"trainer": 1}, object_store_memory=150 * 2**20)
 
 
 def test_checkpoints_go_to_object_storage_and_a_rerun_without_them_starts_afresh(
@@ -243,11 +265,10 @@ def test_checkpoints_go_to_object_storage_and_a_rerun_without_them_starts_afresh
         storage_path=f"s3://{moto_s3.bucket}/checkpoints",
     )
     result = pretrain.run(config)
-    assert result.checkpoint_path.startswith(f"{moto_s3.bucket}/checkpoints/s3/checkpoint_")
+    assert result.checkpoint_path.startswith(f"s3://{moto_s3.bucket}/checkpoints/s3/checkpoint_")
     assert pretrain.has_checkpoints(config)
-    listing = moto_s3.filesystem.get_file_info(
-        pafs.FileSelector(f"{result.checkpoint_path}/model", recursive=False)
-    )
+    key = result.checkpoint_path.removeprefix("s3://")
+    listing = moto_s3.filesystem.get_file_info(pafs.FileSelector(f"{key}/model", recursive=False))
     assert sorted(info.base_name for info in listing) == ["model.safetensors", "vit.json"]
     # Resuming restores the optimizer's settings: other ones would be silently ignored.
     with pytest.raises(ValueError, match=r"trained with other learning_rate, model\.width; resume"):
