@@ -369,7 +369,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         run_id, uri = loop_config["run_id"], loop_config["tracking_uri"]
         metrics_log = tracking.MetricLog(run_id, uri, "train/loss")
         dev_log = tracking.MetricLog(run_id, uri, "dev/accuracy")
-        if saved:  # each recovery is on record: the step its checkpoint held
+        if restored:  # each recovery is on record: the step its checkpoint held
             resumed = state["step"]
             metrics_log.client.log_metric(run_id, "train/resumed_at_step", resumed, step=resumed)
         print(
