@@ -75,6 +75,18 @@ def tiny_config(tmp_path: Path, run_name: str, **overrides: object) -> PretrainC
     return PretrainConfig(**fields)
 
 
+def schedule_rates(config: PretrainConfig) -> list[float]:
+    """The learning rate of every step of an uninterrupted run of `config`."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    schedule = warmup_then_decay(optimizer, config.warmup_steps, config.steps, config.decay)
+    rates = []
+    for _ in range(config.steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
 def logged_steps(run_id: str, key: str = "train/loss") -> list[int]:
     return [m.step for m in tracking.client().get_metric_history(run_id, key)]
 
@@ -231,6 +243,10 @@ def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
     assert steps == list(range(5, 61, 5)), steps  # one run, continuous, nothing logged twice
     resumed = tracking.client().get_metric_history(result.run_id, "train/resumed_at_step")
     assert len(resumed) == 1 and 0 < resumed[0].value < 60  # it did restart, from a checkpoint
+    # The schedule went on where the checkpoint left it, not from a second warmup.
+    logged = tracking.client().get_metric_history(result.run_id, "train/lr")
+    expected = schedule_rates(config)
+    assert [m.value for m in logged] == pytest.approx([expected[m.step - 1] for m in logged])
 
 
 def test_an_elastic_run_finishes_on_the_worker_left_when_a_node_goes(
