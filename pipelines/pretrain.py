@@ -34,7 +34,13 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
-from pipelines.ingest import Augmentation, IngestConfig, start_error_tracker, to_tokens
+from pipelines.ingest import (
+    Augmentation,
+    IngestConfig,
+    check_bad_fraction,
+    start_error_tracker,
+    to_tokens,
+)
 from pipelines.training import (
     Decay,
     autocast,
@@ -180,6 +186,9 @@ def run(
         mlflow.log_metric(run_id, "data/bad_images", errors["bad"])
         if errors["samples"]:
             mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
+        # The streaming check judges a large corpus early; this one judges every row read, so a
+        # small dataset with too many unreadable images is not passed on as a model.
+        check_bad_fraction(tracker, config.ingest)
         if result.checkpoint is None:
             raise RuntimeError(f"pretraining run {config.run_name} produced no checkpoint")
         metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}

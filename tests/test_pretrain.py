@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from conftest import S3Server
 
 from pipelines import pretrain, tracking
-from pipelines.ingest import Augmentation, IngestConfig
+from pipelines.ingest import Augmentation, DataQualityError, IngestConfig
 from pipelines.pretrain import PretrainConfig
 from pipelines.training import warmup_then_decay
 from vit.config import ViTConfig
@@ -208,6 +208,33 @@ def test_a_failed_run_ends_failed_in_mlflow(cluster: Cluster, tmp_path: Path) ->
         filter_string="tags.vitray_run_name = 'too-small'",
     )
     assert run.info.status == "FAILED"
+
+
+def test_a_run_on_too_many_unreadable_images_ends_failed_naming_them(
+    cluster: Cluster, tmp_path: Path, digits_folder: Path
+) -> None:
+    """24 digits and 2 broken files: a small set the streaming check never judges."""
+    config = tiny_config(
+        tmp_path,
+        "broken",
+        dataset=str(digits_folder),
+        steps=2,
+        global_batch_size=8,
+        micro_batch_size=8,
+        num_workers=1,
+        eval_every=2,
+        checkpoint_every=2,
+        log_every=1,
+    )
+    with pytest.raises(DataQualityError, match=r"\d of \d+ images unreadable \("):
+        pretrain.run(config)
+    (run,) = tracking.client().search_runs(
+        [tracking.experiment_id(config.experiment)],
+        filter_string="tags.vitray_run_name = 'broken'",
+    )
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["data/bad_images"] >= 1  # of the rows its 2 steps read
+    assert pretrain.has_checkpoints(config)  # what it trained is kept
 
 
 def test_a_setting_ray_refuses_ends_the_run_failed(cluster: Cluster, tmp_path: Path) -> None:
