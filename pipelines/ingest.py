@@ -63,8 +63,8 @@ class IngestConfig:
     concurrency: int | None = None  # decode tasks in flight; None lets Ray Data choose
     max_bad_fraction: float = 0.01  # above this fraction of bad rows the stage stops
     # A stream is judged while it runs only from this many rows on: the fraction in a first
-    # batch or two is noise (a 0.5% bad rate shows 3 in 256 rows one time in seven). Stages that
-    # read all their rows before training judge them all at the end (`check_bad_fraction`).
+    # batch or two is noise (a 0.5% bad rate shows 3 in 256 rows one time in seven). Every stage
+    # also judges all the rows it read at the end (`check_bad_fraction`).
     min_rows_before_check: int = 20_000
     max_image_pixels: int = 64_000_000  # reject decompression bombs before decoding
 
@@ -265,8 +265,9 @@ def tokenize_batch(
 def check_bad_fraction(tracker: ray.actor.ActorHandle, ingest: IngestConfig) -> None:
     """Raise `DataQualityError` if the rows read so far hold too many unreadable images.
 
-    For stages that read all their rows up front: every row counts, however few, and a dataset
-    none of whose images could be read is refused rather than trained on as an empty one.
+    Every row counts, however few: stages that read their rows up front call it before they
+    train, pretraining once its stream ends. A dataset none of whose images could be read is
+    refused rather than trained on as an empty one.
     """
     summary = ray.get(tracker.summary.remote())
     _check_fraction(summary["rows_read"], summary["bad_reads"], summary["samples"], ingest)
