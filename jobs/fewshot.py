@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
     parser.add_argument("--seeds", type=int, default=3, help="number of draws per shot count")
     parser.add_argument(
-        "--max-train-rows", type=int, default=20_000, help="cap on train rows featurised; 0: none"
+        "--max-train-rows",
+        type=int,
+        default=20_000,
+        help="cap on train rows featurised, raised to keep enough of every class; 0: none",
     )
     parser.add_argument("--max-test-rows", type=int, default=0, help="cap on test rows; 0: none")
     parser.add_argument("--dev-per-class", type=int, default=10, help="held out to pick L2")

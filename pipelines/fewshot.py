@@ -30,7 +30,13 @@ from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_track
 from pipelines.training import resolve_checkpoint
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
-from vit.evaluate import DEFAULT_L2_GRID, DEFAULT_SHOTS, extract_features, fewshot_evaluate
+from vit.evaluate import (
+    DEFAULT_L2_GRID,
+    DEFAULT_SHOTS,
+    extract_features,
+    feasible_shots,
+    fewshot_evaluate,
+)
 
 STAGE = "fewshot"
 
@@ -158,12 +164,6 @@ def run_fewshot(
         "num_classes": info.num_classes,
         "bad_images": bad,
     }
-
-
-def feasible_shots(shots: Sequence[int], dev_per_class: int, rarest: int) -> list[int]:
-    """The shot counts whose shots and dev rows the rarest class can fill. Without dev rows the
-    L2 strength is chosen on a slice of the shots themselves, which takes two a class."""
-    return [k for k in shots if k + dev_per_class <= rarest and (dev_per_class or k >= 2)]
 
 
 def _train_cap(

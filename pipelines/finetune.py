@@ -29,13 +29,12 @@ import numpy as np
 import ray
 import torch
 from ray import tune
-from ray.actor import ActorHandle
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from pipelines import figures, tracking
 from pipelines.datasets import describe, read_dataset
 from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_tracker, to_tokens
-from pipelines.training import autocast, resolve_checkpoint, warmup_then_decay
+from pipelines.training import autocast, resolve_checkpoint, storage_uri, warmup_then_decay
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
@@ -95,24 +94,29 @@ class DatasetOutcome:
     seconds: float
 
 
+@dataclass(frozen=True)
+class _SweepRun:
+    """What an opened sweep hands each dataset: its MLflow run and the pretrained model's
+    config and run."""
+
+    run_id: str
+    pretrained: ViTConfig
+    pretrain_run: str
+
+
 class Sweep:
     """A sweep's MLflow run, which its datasets' runs hang below, and the tuning of each dataset.
 
-    The run opens when the first dataset is tuned: a caller that reuses every dataset's earlier
-    result (the pipeline's stage cache) opens no empty sweep. Leaving the `with` block ends it,
-    FAILED or KILLED when the block raises.
+    It opens when the first dataset is tuned: a caller that reuses every dataset's earlier result
+    (the pipeline's stage cache) opens no empty sweep run and needs no checkpoint on disk.
+    Leaving the `with` block ends the run, FAILED or KILLED when the block raises.
     """
 
     def __init__(self, config: FinetuneConfig, *, parent_run_id: str | None = None) -> None:
-        # Trials run in their own working directories: a relative path would not be found there.
-        checkpoint = resolve_checkpoint(config.checkpoint).resolve()
-        self.config = replace(config, checkpoint=str(checkpoint))
-        meta = vit_checkpoint.read_metadata(checkpoint)
-        self.pretrained = meta.config
-        self.pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
+        self.config = config
         self.parent_run_id = parent_run_id
         self.uri = tracking.tracking_uri()
-        self.run_id: str | None = None
+        self._opened: _SweepRun | None = None
         self._ending = contextlib.ExitStack()
 
     def __enter__(self) -> Sweep:
@@ -123,27 +127,33 @@ class Sweep:
 
     def tune(self, dataset: str) -> DatasetOutcome:
         """Search one dataset's learning rate and register its best model."""
-        run_id = self.run_id or self._open()
+        opened = self._opened or self._open()
         return _tune_dataset(
-            self.config, self.pretrained, dataset, run_id, self.pretrain_run, self.uri
+            self.config, opened.pretrained, dataset, opened.run_id, opened.pretrain_run, self.uri
         )
 
-    def _open(self) -> str:
+    def _open(self) -> _SweepRun:
+        # Trials run in their own working directories: a relative path would not be found there.
+        checkpoint = resolve_checkpoint(self.config.checkpoint).resolve()
+        self.config = replace(self.config, checkpoint=str(checkpoint))
+        meta = vit_checkpoint.read_metadata(checkpoint)
+        pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
         kind = "scratch" if self.config.from_scratch else "finetune"
-        self.run_id = tracking.start_run(
+        run_id = tracking.start_run(
             f"{self.config.sweep_name}-{kind}",
             experiment=self.config.experiment,
             parent_run_id=self.parent_run_id,
             tags={
                 "vitray_stage": kind,
-                "vitray_pretrain_run": self.pretrain_run,
+                "vitray_pretrain_run": pretrain_run,
                 "vitray_pretrain_checkpoint": self.config.checkpoint,
             },
             uri=self.uri,
         )
-        self._ending.enter_context(tracking.ending(self.run_id, self.uri))
-        tracking.log_params(self.run_id, self.config, self.uri)
-        return self.run_id
+        self._ending.enter_context(tracking.ending(run_id, self.uri))
+        tracking.log_params(run_id, self.config, self.uri)
+        self._opened = _SweepRun(run_id, meta.config, pretrain_run)
+        return self._opened
 
 
 def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[DatasetOutcome]:
@@ -187,16 +197,25 @@ def _model_config(pretrained: ViTConfig, config: FinetuneConfig, num_classes: in
 
 
 def _tokens(
-    dataset: str, split: str, model: ViTConfig, ingest: IngestConfig, tracker: ActorHandle
-) -> dict[str, Any]:
-    """One split as arrays; unreadable images skipped, counted by `tracker` and judged."""
+    dataset: str, split: str, model: ViTConfig, ingest: IngestConfig
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One split as arrays, and the summary of the unreadable images it skipped.
+
+    Each split has a tracker of its own and is judged on its own rows: a clean train split must
+    not carry a broken test split past the limit.
+    """
+    tracker = start_error_tracker()
     rows = to_tokens(read_dataset(dataset, split), model, ingest=ingest, tracker=tracker)
+    # In the source's order, not the order decoding tasks finish: trials draw their batches by
+    # row index with a seeded generator, so the same sweep then trains the same way every time.
+    rows.context.execution_options.preserve_order = True
     batches = list(rows.iter_batches(batch_size=None, batch_format="numpy"))
     check_bad_fraction(tracker, ingest)
-    return {
+    arrays = {
         "tokens": np.concatenate([b["tokens"] for b in batches]),
         "label": np.concatenate([b["label"] for b in batches]),
     }
+    return arrays, ray.get(tracker.summary.remote())
 
 
 def _tune_dataset(
@@ -219,12 +238,12 @@ def _tune_dataset(
         uri=uri,
     )
     with tracking.ending(dataset_run, uri):
-        tracker = start_error_tracker()
-        # tune.with_parameters stores these in the object store once for all the dataset's trials.
-        data = {
-            split: _tokens(dataset, split, model_config, config.ingest, tracker)
+        read = {
+            split: _tokens(dataset, split, model_config, config.ingest)
             for split in SELECTION_SPLITS
         }
+        # tune.with_parameters stores these in the object store once for all the dataset's trials.
+        data = {split: arrays for split, (arrays, _) in read.items()}
         provenance = {"dataset": dataset, "stage": kind, "pretrain_run": pretrain_run}
         if not config.from_scratch:
             provenance["pretrain_checkpoint"] = config.checkpoint
@@ -284,14 +303,15 @@ def _tune_dataset(
         with best.checkpoint.as_directory() as directory:
             model_dir = Path(directory) / MODEL_DIR
             model, _ = vit_checkpoint.load(model_dir)
-            test = _tokens(dataset, "test", model.config, config.ingest, tracker)
+            test, test_errors = _tokens(dataset, "test", model.config, config.ingest)
             predictions = _predict(model, test)
             test_accuracy = float(np.mean(predictions == test["label"]))
             mlflow.log_artifacts(dataset_run, str(model_dir), "checkpoint")
         _log_test_figures(mlflow, dataset_run, model.config, test, predictions, info.class_names)
-        errors = ray.get(tracker.summary.remote())
-        if errors["samples"]:
-            mlflow.log_dict(dataset_run, {"bad_images": errors["samples"]}, "data_errors.json")
+        errors = [summary for _, summary in read.values()] + [test_errors]
+        samples = [sample for summary in errors for sample in summary["samples"]]
+        if samples:
+            mlflow.log_dict(dataset_run, {"bad_images": samples}, "data_errors.json")
         learning_rate = float(best.config["learning_rate"])
         for key, value in {
             "dev/accuracy": float(best.metrics["dev_accuracy"]),
@@ -299,7 +319,7 @@ def _tune_dataset(
             "trials": len(grid),
             "trials_stopped_early": stopped,
             "trials_failed": len(failed),
-            "data/bad_images": errors["bad"],
+            "data/bad_images": sum(summary["bad"] for summary in errors),
         }.items():
             mlflow.log_metric(dataset_run, key, value)
         mlflow.log_param(dataset_run, "best_learning_rate", learning_rate)
@@ -322,7 +342,7 @@ def _tune_dataset(
         dev_accuracy=float(best.metrics["dev_accuracy"]),
         test_accuracy=test_accuracy,
         learning_rate=learning_rate,
-        checkpoint_path=f"{best.checkpoint.path}/{MODEL_DIR}",
+        checkpoint_path=f"{storage_uri(best.checkpoint.path, config.storage_path)}/{MODEL_DIR}",
         run_id=dataset_run,
         model_version=version,
         trials=len(grid),

@@ -254,7 +254,7 @@ def tokenize_batch(
     if tracker is not None:
         rows, bad_total = ray.get(tracker.record.remote(len(keys), bad))
         if rows >= ingest.min_rows_before_check:
-            _check_fraction(rows, bad_total, bad, ingest)
+            judge_bad_fraction(rows, bad_total, bad, ingest)
     shape = (0, config.num_patches, config.patch_dim)
     return {
         "tokens": np.stack(tokens) if tokens else np.zeros(shape, np.uint8),
@@ -270,12 +270,13 @@ def check_bad_fraction(tracker: ray.actor.ActorHandle, ingest: IngestConfig) -> 
     refused rather than trained on as an empty one.
     """
     summary = ray.get(tracker.summary.remote())
-    _check_fraction(summary["rows_read"], summary["bad_reads"], summary["samples"], ingest)
+    judge_bad_fraction(summary["rows_read"], summary["bad_reads"], summary["samples"], ingest)
 
 
-def _check_fraction(
+def judge_bad_fraction(
     rows: int, bad_total: int, examples: list[tuple[str, str]], ingest: IngestConfig
 ) -> None:
+    """Raise `DataQualityError` if `bad_total` of `rows` reads is over the limit, or all of them."""
     if bad_total > ingest.max_bad_fraction * rows or (rows and bad_total == rows):
         shown = "; ".join(f"{k}: {why}" for k, why in examples[:3])
         raise DataQualityError(

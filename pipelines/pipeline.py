@@ -112,8 +112,8 @@ def keyed_pretrain(config: PretrainConfig, data_checksum: str) -> tuple[str, Pre
 def local_checkpoint(pretrained: dict[str, Any], config: PretrainConfig, target: Path) -> str:
     """The pretrained model as a local folder, which the later stages read.
 
-    With `s3://` storage Ray Train's checkpoint path is a key in the bucket; the same files are
-    the pretraining run's `checkpoint` artifact in MLflow, downloaded here.
+    With `s3://` storage the checkpoint lies in the bucket; the same files are the pretraining
+    run's `checkpoint` artifact in MLflow, downloaded here.
     """
     if "://" not in config.storage_path:
         return str(Path(pretrained["checkpoint_path"]) / "model")

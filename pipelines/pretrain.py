@@ -12,6 +12,7 @@ samples seen). Ray Train restarts the worker group from the latest one after a f
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -37,7 +38,7 @@ from pipelines.datasets import describe, read_dataset
 from pipelines.ingest import (
     Augmentation,
     IngestConfig,
-    check_bad_fraction,
+    judge_bad_fraction,
     start_error_tracker,
     to_tokens,
 )
@@ -46,6 +47,7 @@ from pipelines.training import (
     autocast,
     count_correct,
     parameter_groups,
+    storage_uri,
     unwrap,
     warmup_then_decay,
 )
@@ -106,7 +108,8 @@ class PretrainConfig:
             raise ValueError(f"{', '.join(wrong)} must be at least 1")
 
 
-# What a resumed run may change: where and how wide it runs, not what it learns.
+# What a resumed run may change: where and how wide it runs, not what it learns. (A changed
+# limit on unreadable images applies to the reads of every invocation, see `run`.)
 RESUMABLE_SETTINGS = frozenset(
     {
         "num_workers",
@@ -119,7 +122,9 @@ RESUMABLE_SETTINGS = frozenset(
         "checkpoint_every",
         "keep_checkpoints",
         "log_every",
-        "storage_path",
+        "ingest.batch_size",
+        "ingest.concurrency",
+        "ingest.max_bad_fraction",
     }
 )
 
@@ -183,12 +188,22 @@ def run(
         result = trainer.fit()
         errors = ray.get(tracker.summary.remote())
         mlflow = tracking.client(uri)
-        mlflow.log_metric(run_id, "data/bad_images", errors["bad"])
+        # The reads add up over the invocations that trained this run: a resume reads only what
+        # is left, and a run that already ran every step reads nothing.
+        earlier = mlflow.get_run(run_id).data.metrics
+        reads = {
+            "data/rows_read": int(earlier.get("data/rows_read", 0)) + errors["rows_read"],
+            "data/bad_reads": int(earlier.get("data/bad_reads", 0)) + errors["bad_reads"],
+        }
+        for key, value in {**reads, "data/bad_images": errors["bad"]}.items():
+            mlflow.log_metric(run_id, key, value)
         if errors["samples"]:
             mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
         # The streaming check judges a large corpus early; this one judges every row read, so a
         # small dataset with too many unreadable images is not passed on as a model.
-        check_bad_fraction(tracker, config.ingest)
+        judge_bad_fraction(
+            reads["data/rows_read"], reads["data/bad_reads"], errors["samples"], config.ingest
+        )
         if result.checkpoint is None:
             raise RuntimeError(f"pretraining run {config.run_name} produced no checkpoint")
         metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
@@ -199,9 +214,7 @@ def run(
             for key in CURVES
         }
         figures.log_figure(mlflow, run_id, figures.training_curves(history), "figures/curves.png")
-    path = result.checkpoint.path  # below the filesystem's root: a bucket key for s3://
-    if "://" in config.storage_path:
-        path = f"{config.storage_path.split('://', 1)[0]}://{path}"
+    path = storage_uri(result.checkpoint.path, config.storage_path)
     return PretrainResult(path, run_id, metrics)
 
 
@@ -320,8 +333,10 @@ def _refuse_another_recipe(config: PretrainConfig, logged: dict[str, str]) -> No
     changed = sorted(
         key
         for key, value in tracking.flatten(config).items()
-        if key.split(".")[0] not in RESUMABLE_SETTINGS
-        and logged.get(key, value[:6000]) != value[:6000]  # MLflow keeps 6,000 characters
+        if key not in RESUMABLE_SETTINGS
+        and key.split(".")[0] not in RESUMABLE_SETTINGS
+        and key in logged
+        and _as_value(logged[key]) != _as_value(value[:6000])  # MLflow keeps 6,000 characters
     )
     if changed:
         raise ValueError(
@@ -329,6 +344,24 @@ def _refuse_another_recipe(config: PretrainConfig, logged: dict[str, str]) -> No
             "resume it with the settings it was started with, or give the new settings a new "
             "run_name"
         )
+
+
+def _as_value(text: str) -> Any:
+    """A logged param as the value it spells, so that equal settings compare equal however they
+    were typed: `(0.9, 0.95)` and `[0.9, 0.95]`, `0` and `0.0`. Other text stays text."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+    def canonical(item: Any) -> Any:
+        if isinstance(item, list | tuple):
+            return [canonical(i) for i in item]
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            return float(item)
+        return item
+
+    return canonical(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -499,8 +532,9 @@ def _endless_batches(
         if not yielded:
             read = ray.get(tracker.summary.remote())
             raise RuntimeError(
-                f"the training shard yielded no full batch of {micro}: {read['rows_read']} rows "
-                f"read so far, {read['bad_reads']} of them unreadable images"
+                f"the training shard yielded no full batch of {micro}; the run has read "
+                f"{read['rows_read']} rows so far (train and dev, every worker), "
+                f"{read['bad_reads']} of them unreadable images"
             )
 
 

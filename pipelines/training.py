@@ -37,6 +37,13 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return checkpoints[-1].parent if checkpoints else directory
 
 
+def storage_uri(path: str, storage_path: str) -> str:
+    """A path Ray Train or Tune gives, as a location users can open: Ray's paths are below the
+    storage filesystem's root, which for `s3://bucket/prefix` storage is a bare bucket key."""
+    scheme, separator, _ = storage_path.partition("://")
+    return f"{scheme}://{path}" if separator else path
+
+
 def parameter_groups(model: VisionTransformer, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and everything `no_weight_decay` exempts."""
     exempt = model.no_weight_decay()

@@ -12,11 +12,12 @@ import torch
 from jobs import fewshot as fewshot_job
 from pipelines import tracking
 from pipelines.datasets import DIGIT_CLASSES, describe
-from pipelines.fewshot import _keep_by_key_hash, _train_cap, feasible_shots, run_fewshot
+from pipelines.fewshot import _keep_by_key_hash, _train_cap, run_fewshot
 from pipelines.ingest import DataQualityError
 from pipelines.training import resolve_checkpoint
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
+from vit.evaluate import feasible_shots
 
 PARENT_RUN = "0123456789abcdef"
 

@@ -247,12 +247,15 @@ def test_a_checkpoint_in_object_storage_reaches_later_stages_as_a_local_folder(
     run_id = tracking.start_run("pretrain")
     tracking.client().log_artifacts(run_id, str(saved), "checkpoint")
     demo = load_config(str(ROOT / "configs/pretrain_demo.py"), smoke=True, overrides=[])
-    pretrained = {"run_id": run_id, "checkpoint_path": "bucket/train/run/checkpoint_x"}
+    pretrained = {"run_id": run_id, "checkpoint_path": "s3://bucket/train/run/checkpoint_x"}
     remote = dataclasses.replace(demo, storage_path="s3://bucket/train")
     folder = local_checkpoint(pretrained, remote, tmp_path / "pretrained")
     loaded, _ = vit_checkpoint.load(folder)
     assert Path(folder).is_relative_to(tmp_path / "pretrained")
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
-    local = local_checkpoint(pretrained, demo, tmp_path / "unused")
-    assert local == "bucket/train/run/checkpoint_x/model"
+    on_disk = {"run_id": run_id, "checkpoint_path": "/runs/train/run/checkpoint_x"}
+    assert (
+        local_checkpoint(on_disk, demo, tmp_path / "unused")
+        == on_disk["checkpoint_path"] + "/model"
+    )

@@ -235,6 +235,24 @@ def test_a_run_on_too_many_unreadable_images_ends_failed_naming_them(
     assert run.info.status == "FAILED"
     assert run.data.metrics["data/bad_images"] >= 1  # of the rows its 2 steps read
     assert pretrain.has_checkpoints(config)  # what it trained is kept
+    # A rerun resumes at its last step and reads nothing: the earlier reads still count.
+    with pytest.raises(DataQualityError, match=r"\d of \d+ images unreadable \("):
+        pretrain.run(config)
+
+
+def test_a_resume_may_change_where_it_runs_and_how_settings_are_spelled() -> None:
+    started = tiny_config(Path("runs"), "spelled", betas=(0.9, 0.95), weight_decay=0.0)
+    logged = tracking.flatten(started)
+    for same in (
+        dataclasses.replace(started, betas=[0.9, 0.95], weight_decay=0),  # as --set may type it
+        dataclasses.replace(started, num_workers=(1, 4), micro_batch_size=4),
+        dataclasses.replace(started, ingest=IngestConfig(batch_size=64, max_bad_fraction=0.05)),
+    ):
+        pretrain._refuse_another_recipe(same, logged)
+    flipped = dataclasses.replace(started.augmentation, hflip=True)
+    changed = dataclasses.replace(started, warmup_steps=8, augmentation=flipped)
+    with pytest.raises(ValueError, match=r"other augmentation\.hflip, warmup_steps; resume"):
+        pretrain._refuse_another_recipe(changed, logged)
 
 
 def test_a_setting_ray_refuses_ends_the_run_failed(cluster: Cluster, tmp_path: Path) -> None:

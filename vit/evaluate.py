@@ -114,6 +114,13 @@ class FewShotResult:
     dev_accuracy: dict[float, float] = field(default_factory=dict)  # selection score per L2
 
 
+def feasible_shots(shots: Sequence[int], dev_per_class: int, rarest: int) -> list[int]:
+    """The shot counts whose shots and dev rows the rarest class can fill. Without dev rows the
+    L2 strength is chosen on a slice of the shots themselves (`fewshot_ridge`), which takes two
+    a class."""
+    return [k for k in shots if k + dev_per_class <= rarest and (dev_per_class or k >= 2)]
+
+
 def fewshot_ridge(
     train_x: np.ndarray,
     train_y: np.ndarray,
