@@ -385,9 +385,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             model, _ = vit_checkpoint.load(Path(directory) / "model")
             # On the CPU: saved tensors would otherwise go back to the GPU they were saved
             # from, rank 0's, which every worker of a node sees as cuda:0.
-            saved = torch.load(
-                Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True
-            )
+            state_file = Path(directory) / TRAIN_STATE_FILE
+            saved = torch.load(state_file, map_location="cpu", weights_only=True)
     else:
         model = VisionTransformer(loop_config["model_config"])
     optimizer = torch.optim.AdamW(

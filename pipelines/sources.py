@@ -123,8 +123,8 @@ def split_of_path(rel: str) -> str | None:
     ``train/part-0.parquet``, ``data/test-00000-of-00001.parquet``, ``validation.parquet``."""
     *folders, name = rel.lower().split("/")
     for folder in folders:
-        if split_of_folder(folder):
-            return split_of_folder(folder)
+        if split := split_of_folder(folder):
+            return split
     return SPLIT_ALIASES.get(re.split(r"[-_.]", name, maxsplit=1)[0])
 
 
@@ -137,12 +137,7 @@ def holds_parquet(fs: pafs.FileSystem, path: str) -> bool:
     """
 
     def parquet(infos: list[pafs.FileInfo]) -> bool:
-        return any(
-            i.type == pafs.FileType.File
-            and i.base_name.endswith(".parquet")
-            and not is_hidden(i.base_name)
-            for i in infos
-        )
+        return any(i.type == pafs.FileType.File and is_parquet(i.base_name) for i in infos)
 
     children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     if parquet(children):
@@ -205,6 +200,11 @@ def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pa
 def is_hidden(relative: str) -> bool:
     """Files no reader of a dataset should see (``.DS_Store``, ``_SUCCESS``, our ``_tmp/``)."""
     return relative.startswith(_HIDDEN_PREFIXES)
+
+
+def is_parquet(relative: str) -> bool:
+    """A Parquet file a reader of the dataset should see."""
+    return relative.endswith(".parquet") and not is_hidden(relative)
 
 
 def _children(fs: pafs.FileSystem, path: str, kind: pafs.FileType) -> list[str]:
@@ -535,11 +535,7 @@ class ParquetSource:
                     "run prepare again"
                 )
             rels = (i.path[len(path) + 1 :] for i in infos if i.type == pafs.FileType.File)
-            files = tuple(
-                (r, split_of_path(r))
-                for r in sorted(rels)
-                if r.endswith(".parquet") and not is_hidden(r)
-            )
+            files = tuple((r, split_of_path(r)) for r in sorted(rels) if is_parquet(r))
         if not files:
             raise FileNotFoundError(f"{path}: no Parquet files")
         with fs.open_input_file(f"{root}/{files[0][0]}") as f:
