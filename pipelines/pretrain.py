@@ -1,4 +1,4 @@
-"""Pretraining on Ray Train: DDP over streaming patch tokens, checkpoints, resume.
+"""Pretraining on Ray Train: DDP or FSDP over streaming patch tokens, checkpoints, resume.
 
 The same `run()` trains on a 2-core laptop (gloo, fp32) and on a GPU cluster (NCCL, bf16). The
 global batch size is fixed by the config whatever the number of workers: gradient accumulation
@@ -6,8 +6,9 @@ fills the gap, so an elastic run that loses a worker keeps optimising the same o
 worker count that does not divide it, the nearest larger batch that does; see `step_layout`).
 
 Checkpoints hold the `vit` checkpoint directory plus `train_state.pt` (optimizer, scheduler, step,
-samples seen). Ray Train restarts the worker group from the latest one after a failure
-(`max_failures`), and a rerun with the same `run_name` and `storage_path` resumes it.
+samples seen), whole and keyed by parameter name under either strategy (see `parallel`). Ray
+Train restarts the worker group from the latest one after a failure (`max_failures`), and a rerun
+with the same `run_name` and `storage_path` resumes it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-from pipelines import figures, tracking
+from pipelines import figures, parallel, tracking
 from pipelines.datasets import describe, read_dataset
 from pipelines.ingest import (
     Augmentation,
@@ -42,13 +43,13 @@ from pipelines.ingest import (
     start_error_tracker,
     to_tokens,
 )
+from pipelines.parallel import Strategy, unwrap
 from pipelines.training import (
     Decay,
     autocast,
     count_correct,
     parameter_groups,
     storage_uri,
-    unwrap,
     warmup_then_decay,
 )
 from vit import checkpoint as vit_checkpoint
@@ -82,6 +83,7 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     num_workers: int | tuple[int, int] = 1  # a (min, max) range makes the run elastic
+    strategy: Strategy = "ddp"  # "fsdp" shards weights, gradients and Adam state: ViT-L/H
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     extra_resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -106,6 +108,7 @@ class PretrainConfig:
         wrong = [name for name in positive if getattr(self, name) < 1]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} must be at least 1")
+        parallel.check_strategy(self.strategy)
 
 
 # What a resumed run may change: where and how wide it runs, not what it learns. (A changed
@@ -113,6 +116,7 @@ class PretrainConfig:
 RESUMABLE_SETTINGS = frozenset(
     {
         "num_workers",
+        "strategy",
         "use_gpu",
         "cpus_per_worker",
         "extra_resources_per_worker",
@@ -376,7 +380,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     accumulation, micro = step_layout(config.global_batch_size, world, config.micro_batch_size)
     global_batch = world * accumulation * micro
-    torch.manual_seed(config.seed)  # the initial weights (DDP then copies rank 0's to all)
+    torch.manual_seed(config.seed)  # the initial weights, alike on every worker
 
     saved = None
     restored = ray.train.get_checkpoint()
@@ -389,18 +393,19 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             saved = torch.load(state_file, map_location="cpu", weights_only=True)
     else:
         model = VisionTransformer(loop_config["model_config"])
+    model = parallel.distribute(model, config.strategy, device)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.learning_rate, betas=config.betas
+        parameter_groups(unwrap(model), config.weight_decay),
+        lr=config.learning_rate,
+        betas=config.betas,
     )
     scheduler = warmup_then_decay(optimizer, config.warmup_steps, config.steps, config.decay)
     state = {"step": 0, "samples": 0}
     if saved:
-        optimizer.load_state_dict(saved["optimizer"])
+        parallel.load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         del saved  # the optimizer holds its own copy now
-    model = ray.train.torch.prepare_model(model)  # DDP
-    _move_optimizer_state(optimizer, device)
     # Dropout and stochastic depth: other masks on each rank, and after a restart other masks
     # than the steps before it drew.
     torch.manual_seed(config.seed + 1_000_003 * state["step"] + rank + 1)
@@ -414,7 +419,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             resumed = state["step"]
             metrics_log.client.log_metric(run_id, "train/resumed_at_step", resumed, step=resumed)
         print(
-            f"[pretrain] {world} worker(s) on {device}, global batch {global_batch}"
+            f"[pretrain] {world} worker(s) on {device} ({config.strategy}), "
+            f"global batch {global_batch}"
             f" = {world} workers x {accumulation} accumulation x {micro}, "
             f"starting at step {state['step']} of {config.steps}",
             flush=True,
@@ -432,7 +438,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         for index in range(accumulation):
             batch = next(batches)
             sync = index == accumulation - 1
-            with _maybe_no_sync(model, sync), autocast(device):
+            with parallel.gradient_sync(model, sync), autocast(device):
                 loss = loss_fn(model(batch["tokens"]), batch["label"]) / accumulation
                 loss.backward()
             total_loss += loss.detach()
@@ -476,12 +482,10 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         if not (evaluate or save):
             continue
         pause_start = time.perf_counter()
-        metrics: dict[str, float] = {
-            "step": step,
-            "train/loss": loss_value,
-            "world_size": world,
-            "ddp/replica_divergence": _replica_divergence(model),
-        }
+        metrics: dict[str, float] = {"step": step, "train/loss": loss_value, "world_size": world}
+        divergence = parallel.replica_divergence(model)
+        if divergence is not None:
+            metrics["ddp/replica_divergence"] = divergence
         if evaluate:
             metrics["dev/accuracy"] = _dev_accuracy(model, device)
             if dev_log is not None:
@@ -537,35 +541,9 @@ def _endless_batches(
             )
 
 
-def _maybe_no_sync(model: torch.nn.Module, sync: bool) -> Any:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
-    if sync or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
-
-
-def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for param_state in optimizer.state.values():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                param_state[key] = value.to(device)
-
-
-def _replica_divergence(model: torch.nn.Module) -> float:
-    """Largest difference of per-tensor parameter sums between this rank and the others.
-
-    Data-parallel replicas must hold identical weights; anything but 0.0 means a broken
-    all-reduce or a non-deterministic update and is worth a loud metric.
-    """
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return 0.0
-    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, sums)
-    return float(max((g - gathered[0]).abs().max() for g in gathered))
-
-
 def _dev_accuracy(model: torch.nn.Module, device: torch.device) -> float:
+    """Accuracy on the dev split, each worker scoring its shard. Ray Train splits it into equal
+    shards, so every FSDP worker runs as many forward passes (each gathers weights from all)."""
     shard = ray.train.get_dataset_shard("dev")
     correct, seen = count_correct(model, iter(shard.iter_torch_batches(batch_size=256)), device)
     totals = torch.tensor([correct, seen], dtype=torch.float64, device=device)
@@ -585,7 +563,9 @@ def _report_with_checkpoint(
     loop_config: dict[str, Any],
     rank: int,
 ) -> None:
-    """Rank 0 writes the checkpoint; every rank reports, as Ray Train requires."""
+    """Rank 0 writes the checkpoint; every rank gathers the state and reports, as FSDP and Ray
+    Train require."""
+    weights, optimizer_state = parallel.full_state(model, optimizer)
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -596,15 +576,16 @@ def _report_with_checkpoint(
             "step": state["step"],
             "stage": "pretrain",
         }
-        vit_checkpoint.save(
-            unwrap(model),
+        vit_checkpoint.save_weights(
+            unwrap(model).config,
+            weights,
             os.path.join(directory, "model"),
             class_names=loop_config["class_names"],
             provenance=provenance,
         )
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "state": dict(state),
             },

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vit.checkpoint import METADATA_FILE
+from vit.checkpoint import METADATA_FILE, CheckpointError
 from vit.model import VisionTransformer
 
 Decay = Literal["cosine", "linear"]
@@ -26,8 +26,17 @@ Decay = Literal["cosine", "linear"]
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The `vit.checkpoint` directory behind what a user points at: the directory itself, a
     Ray Train checkpoint holding one under `model/`, or a Ray Train run folder (its latest
-    checkpoint; their names are timestamps). Local paths only; anything else comes back as
-    given, for the loader to reject with its own message."""
+    checkpoint; their names are timestamps). A path that is none of these comes back as given,
+    for the loader to reject with its own message.
+
+    Local paths only: `Path` would fold `s3://bucket/key` into a local `s3:/bucket/key` and the
+    error would name a path the user never gave.
+    """
+    if "://" in str(path):
+        raise CheckpointError(
+            f"{path}: checkpoints are read from local folders; copy it to one first (the "
+            "pipeline does so itself from the pretraining run's MLflow artifact)"
+        )
     directory = Path(path)
     if (directory / METADATA_FILE).is_file():
         return directory
@@ -78,11 +87,6 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def unwrap(model: nn.Module) -> VisionTransformer:
-    """The bare model inside a DDP wrapper."""
-    return model.module if hasattr(model, "module") else model
 
 
 @torch.no_grad()

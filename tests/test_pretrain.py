@@ -29,6 +29,7 @@ from pipelines import pretrain, tracking
 from pipelines.ingest import Augmentation, DataQualityError, IngestConfig
 from pipelines.pretrain import PretrainConfig
 from pipelines.training import warmup_then_decay
+from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 
 
@@ -271,10 +272,11 @@ def test_counts_and_periods_below_one_are_refused_up_front(tmp_path: Path) -> No
         tiny_config(tmp_path, "never", eval_every=0, log_every=0)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, strategy: str
 ) -> None:
-    config = tiny_config(tmp_path, "killed", steps=60)
+    config = tiny_config(tmp_path, f"killed-{strategy}", steps=60, strategy=strategy)
     thread, outcome = run_in_background(config)
     wait_for_checkpoint(config)
     victims = train_worker_pids(cluster)
@@ -292,6 +294,10 @@ def test_a_killed_worker_resumes_from_its_checkpoint_without_duplicate_steps(
     logged = tracking.client().get_metric_history(result.run_id, "train/lr")
     expected = schedule_rates(config)
     assert [m.value for m in logged] == pytest.approx([expected[m.step - 1] for m in logged])
+    # Whole weights either way (FSDP's shards gathered), loadable without the run.
+    model, _ = vit_checkpoint.load(Path(result.checkpoint_path, "model"))
+    assert model.config == config.model.replace(num_classes=10)
+    assert ("ddp/replica_divergence" in result.metrics) == (strategy == "ddp")
 
 
 def test_an_elastic_run_finishes_on_the_worker_left_when_a_node_goes(

@@ -12,7 +12,7 @@ import json
 import os
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,21 @@ def save(
     Each file is written under a temporary name and renamed into place, so no reader ever sees
     a half-written file. Overwriting a checkpoint swaps its two files one after the other.
     """
-    config = model.config
+    return save_weights(
+        model.config, model.state_dict(), path, class_names=class_names, provenance=provenance
+    )
+
+
+def save_weights(
+    config: ViTConfig,
+    weights: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    class_names: list[str] | tuple[str, ...] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """`save` for weights held apart from a model of `config`: a sharded model's state dict,
+    gathered whole, needs no second copy of the model to be written."""
     if class_names is not None and len(class_names) != config.num_classes:
         raise CheckpointError(
             f"{len(class_names)} class names for a model with {config.num_classes} classes"
@@ -68,7 +82,7 @@ def save(
     meta = CheckpointMetadata(config, tuple(class_names) if class_names else None, provenance or {})
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
     text = json.dumps(meta.to_json(), indent=2, sort_keys=True)
     _atomic_write(directory / METADATA_FILE, lambda tmp: Path(tmp).write_text(text))
