@@ -16,15 +16,15 @@ import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import requests
 
 from pipelines import finetune, pretrain, tracking
 from pipelines.analyze import run_analysis
-from pipelines.datasets import fingerprint
+from pipelines.datasets import CATALOG, fingerprint
 from pipelines.fewshot import run_fewshot
 from pipelines.finetune import FinetuneConfig
 from pipelines.prepare import PrepareConfig, prepare
@@ -45,10 +45,10 @@ class PipelineConfig:
     scratch_baseline: bool = True
     data_dir: str = "runs/data"
     state_dir: str = "runs/pipeline"
+    serve_host: str = "127.0.0.1"  # 0.0.0.0 on a cluster, where HAProxy reaches other nodes
     serve_port: int = 8000
     name: str = "demo"
     experiment: str = tracking.DEFAULT_EXPERIMENT
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class StageCache:
@@ -96,6 +96,25 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
+
+
+def prepared_location(data_dir: str, source: str) -> str:
+    """The folder of `data_dir` where the pipeline prepares `source`.
+
+    A catalog name names its folder. A path or URI gets its last part and a hash of the whole:
+    joined as it stands, an absolute path would replace `data_dir` and the shards would land in
+    the user's own image folder, and two sources of one name would share a folder. `data_dir`
+    may be a URI (object storage every node of a cluster reads); a local one is made absolute,
+    since Ray Data tasks on other nodes do not share this driver's working directory.
+    """
+    if source in CATALOG:
+        name = source
+    else:
+        digest = hashlib.sha256(source.encode()).hexdigest()[:8]
+        name = f"{PurePosixPath(source.rstrip('/')).name or 'source'}-{digest}"
+    if "://" in data_dir:
+        return f"{data_dir.rstrip('/')}/{name}"
+    return str(Path(data_dir).resolve() / name)
 
 
 def keyed_pretrain(config: PretrainConfig, data_checksum: str) -> tuple[str, PretrainConfig]:
@@ -150,8 +169,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
 
 def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]:
     """The stages in order. A stage runs again when its inputs changed, data included: the
-    source's files (listing fingerprint) for prepare, few-shot and fine-tuning, the prepared
-    shards' checksum for pretraining."""
+    source's files (listing fingerprint) for few-shot and fine-tuning, the prepared shards'
+    checksum for pretraining. Prepare compares the source with its own manifest."""
     mlflow = tracking.client(uri)
     cache = StageCache(
         Path(config.state_dir) / config.name / "state.json",
@@ -169,13 +188,13 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
             adopt(sweep)
 
     source = config.pretrain.dataset
-    # Absolute: Ray Data tasks on other nodes do not share this driver's working directory.
-    prepared_dir = str(Path(config.data_dir).resolve() / source)
-    prepared = cache.run(
-        "prepare",
-        {"source": source, "output": prepared_dir, "data": fingerprint(source)},
-        lambda: prepare(PrepareConfig(source=source, output=prepared_dir)),
-    )
+    prepared_dir = prepared_location(config.data_dir, source)
+    # Not through the stage cache: prepare checks its own shards, and a cached record would
+    # outlive shards deleted since. Done and intact, it returns in milliseconds.
+    banner("prepare")
+    prepared = dataclasses.asdict(prepare(PrepareConfig(source=source, output=prepared_dir)))
+    if prepared["skipped"]:
+        print(f"[prepare] {prepared_dir} is up to date with {source}", flush=True)
     pretrain_key, pretrain_config = keyed_pretrain(
         dataclasses.replace(config.pretrain, dataset=prepared_dir), prepared["checksum"]
     )
@@ -233,7 +252,12 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
         for o in transferred
     }
     url = deploy(
-        ServeConfig(models=models, default_model=next(iter(models)), port=config.serve_port)
+        ServeConfig(
+            models=models,
+            default_model=next(iter(models)),
+            host=config.serve_host,
+            port=config.serve_port,
+        )
     )
     reply = _smoke_query(url, transferred[-1]["dataset"])
     for outcome in transferred:

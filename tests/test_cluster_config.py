@@ -30,6 +30,7 @@ def test_cluster_yaml_passes_ray_validation() -> None:
     assert nodes["gpu_trainer"]["node_config"]["InstanceType"].startswith("p5")
     assert nodes["cpu_ingest"]["resources"] == {"ingest": 1}
     assert any("requirements.lock" in command for command in config["setup_commands"])
+    assert any("-e ~/vitray" in command for command in config["setup_commands"])  # serve deploy
 
 
 def test_a_misspelt_field_is_caught_by_the_same_validation() -> None:

@@ -17,6 +17,7 @@ from pipelines.ingest import DataQualityError
 from pipelines.training import resolve_checkpoint
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
+from vit.checkpoint import CheckpointError
 from vit.evaluate import feasible_shots
 
 PARENT_RUN = "0123456789abcdef"
@@ -95,6 +96,8 @@ def test_checkpoint_resolution_and_key_hash_filter(tmp_path: Path, tiny_checkpoi
     assert resolve_checkpoint(run) == run / "checkpoint_2026-11-26_22-29-42.821908" / "model"
     assert resolve_checkpoint(tiny_checkpoint) == tiny_checkpoint
     assert resolve_checkpoint(tmp_path / "absent") == tmp_path / "absent"
+    with pytest.raises(CheckpointError, match="s3://bucket/run: checkpoints are read from local"):
+        resolve_checkpoint("s3://bucket/run")
     keys = [f"digits/{i:04d}" for i in range(2000)]
     table = pa.table({"key": keys, "label": list(range(2000))})
     kept = _keep_by_key_hash(table, fraction=0.25)

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.common import HIGH_THROUGHPUT_ENV, load_config
 from pipelines import tracking
-from pipelines.pipeline import keyed_pretrain, local_checkpoint
+from pipelines.pipeline import keyed_pretrain, local_checkpoint, prepared_location
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 
@@ -218,8 +218,9 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
     assert len(mlflow.list_artifacts(analyze.info.run_id, "figures")) == 4
 
     again = submit_pipeline(cluster, free_port())
-    # prepare, pretrain, analyze, and each of the 3 datasets: few-shot, fine-tuned, from scratch
-    assert again.count("reusing the finished result") == 12
+    # pretrain, analyze, and each of the 3 datasets: few-shot, fine-tuned, from scratch
+    assert again.count("reusing the finished result") == 11
+    assert "is up to date with" in again  # prepare checked its shards and left them
     assert "succeeded" in again
 
 
@@ -235,6 +236,17 @@ def test_a_changed_pretraining_config_or_data_starts_a_new_ray_train_run() -> No
     ):
         assert other_key != key
         assert other.run_name != named.run_name
+
+
+def test_a_source_is_prepared_in_a_folder_of_its_own_never_in_itself(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    flowers = tmp_path / "photos" / "flowers"
+    prepared = Path(prepared_location(str(data), str(flowers)))
+    assert prepared.parent == data and prepared.name.startswith("flowers-")
+    assert prepared_location(str(data), str(tmp_path / "flowers")) != str(prepared)
+    assert prepared_location("runs/data", "digits") == str(Path("runs/data").resolve() / "digits")
+    on_s3 = prepared_location("s3://bucket/prepared/", "s3://bucket/images/flowers/")
+    assert on_s3.startswith("s3://bucket/prepared/flowers-")
 
 
 def test_a_checkpoint_in_object_storage_reaches_later_stages_as_a_local_folder(
