@@ -7,8 +7,10 @@ import ast
 import dataclasses
 import importlib.util
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import ray
 
@@ -43,22 +45,123 @@ def _override(config: Any, path: list[str], text: str, item: str) -> Any:
     if name not in fields:  # a property such as `grid_size` is not a field
         raise SystemExit(f"--set {item}: {type(config).__name__} has no field {name!r}")
     current = getattr(config, name)
-    value = _override(current, rest, text, item) if rest else _parse(text, current, item)
+    if rest:
+        value = _override(current, rest, text, item)
+    else:
+        value = _parse(text, current, _field_type(config, name, current), item)
     return dataclasses.replace(config, **{name: value})
 
 
-def _parse(text: str, current: Any, item: str) -> Any:
-    """Strings stay strings; everything else is a Python literal (numbers, tuples, booleans)."""
-    if isinstance(current, str):
+def _field_type(config: Any, name: str, current: Any) -> Any:
+    """The field's declared type; the current value's type where the annotations cannot be
+    resolved (a config class whose annotations name types imported only for type checkers)."""
+    try:
+        return typing.get_type_hints(type(config))[name]
+    except (NameError, TypeError, KeyError):
+        return Any if current is None else type(current)
+
+
+def _parse(text: str, current: Any, hint: Any, item: str) -> Any:
+    """Parse an override as a Python literal and check it against the field's type, so that
+    `1e3` for an int, `0` for a bool or `("digits")` (a str) for a tuple fail here, not as
+    a puzzling error (or a run over the letters d, i, g...) deep inside a job.
+
+    Strings stay strings where the field takes a string; an int is accepted for a float (as
+    Python does), never a bool for an int, nor an integral float such as `1e3` for an int
+    (write 1000). A bare element of a `tuple[X, ...]` field becomes a 1-tuple. None is
+    accepted where the field is Optional or the config has it None.
+    """
+    key = item.partition("=")[0]
+    if hint is str:
         return text
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--set {item}: {text!r} is not a Python literal") from None
+        if _conforms(text, hint):  # Literal["cosine", "linear"], `str | None`: a bare word
+            return text
+        raise SystemExit(
+            f"--set {item}: {key} expects {_type_name(hint)}, got {text!r} (not a Python literal)"
+        ) from None
+    if (value is None and current is None) or _conforms(value, hint):
+        return value
+    element = _tuple_element(hint)
+    if element is not None and _conforms(value, element):
+        return (value,)
+    raise SystemExit(
+        f"--set {item}: {key} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+    )
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="config file with get_config(smoke)")
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has type ``hint``: plain classes, Optional and unions, Literal, tuples
+    (fixed or ``...``), dicts, lists. Unknown generics are checked by their container alone."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return not args or (
+            len(args) == len(value)
+            and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+        )
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args
+            or all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+        )
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_conforms(v, args[0]) for v in value))
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _tuple_element(hint: Any) -> Any:
+    """X for a ``tuple[X, ...]`` field, else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    """`int`, `tuple[float, ...]`, `Literal['cosine', 'linear']`, `ViTConfig`."""
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _config_file(path: str) -> str:
+    """argparse type of --config: a missing file is a usage error (exit 2), not a traceback."""
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no such config file: {path}")
+    return path
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, config_required: bool = False) -> None:
+    """--config, --smoke, --set and --address. A job without a default config passes
+    ``config_required``; one with a default sets it afterwards (`parser.set_defaults`)."""
+    parser.add_argument(
+        "--config",
+        type=_config_file,
+        required=config_required,
+        help="config file with get_config(smoke)",
+    )
     parser.add_argument("--smoke", action="store_true", help="shrink the run to a smoke test")
     parser.add_argument(
         "--set",

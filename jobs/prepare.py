@@ -20,6 +20,17 @@ from pipelines.datasets import SplitFractions
 from pipelines.prepare import PrepareConfig, prepare
 
 
+def _fractions(dev: float | None, test: float | None) -> SplitFractions | None:
+    """The held-out shares given on the command line, the defaults filling in the other one;
+    None when neither is given (the source's own or the default split then applies)."""
+    if dev is None and test is None:
+        return None
+    default = SplitFractions()
+    return SplitFractions(
+        dev=default.dev if dev is None else dev, test=default.test if test is None else test
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``prepare.py SOURCE OUTPUT [--rows-per-shard N] [--dev-fraction F]
     [--test-fraction F] [--force] [--address A]``; prints the result as one JSON line."""
@@ -34,13 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
     )
     args = parser.parse_args(argv)
-    fractions = None
-    if args.dev_fraction is not None or args.test_fraction is not None:
-        default = SplitFractions()
-        fractions = SplitFractions(
-            dev=default.dev if args.dev_fraction is None else args.dev_fraction,
-            test=default.test if args.test_fraction is None else args.test_fraction,
-        )
+    try:
+        fractions = _fractions(args.dev_fraction, args.test_fraction)
+    except ValueError as err:
+        parser.error(str(err))  # exits 2 with the usage line, before Ray starts
     config = PrepareConfig(args.source, args.output, args.rows_per_shard, fractions, args.force)
     connect(args.address)
     try:

@@ -19,7 +19,7 @@ from pipelines import finetune
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
+    add_common_arguments(parser, config_required=True)
     parser.add_argument(
         "--scratch", action="store_true", help="train from random weights (the baseline)"
     )

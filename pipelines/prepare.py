@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import posixpath
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -31,12 +33,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.context import ShuffleStrategy
 
-from pipelines.datasets import SplitFractions, describe, fingerprint, read_dataset
+from pipelines.datasets import CATALOG, SplitFractions, describe, fingerprint, read_dataset
 from pipelines.sources import (
+    IMAGE_EXTENSIONS,
     MANIFEST_NAME,
     ROW_SCHEMA,
     SHARD_NAME,
     SPLITS,
+    DatasetInfo,
     key_units,
     read_manifest,
     resolve_uri,
@@ -149,9 +153,70 @@ def _intact(fs: pafs.FileSystem, root: str, manifest: dict) -> bool:
     return all(i.size == s["size_bytes"] for i, s in zip(infos, manifest["shards"], strict=True))
 
 
+def _remove_tmp(fs: pafs.FileSystem, root: str) -> None:
+    """Delete the temporary folder of ``_put`` (empty unless a write was cut short)."""
+    if fs.get_file_info(f"{root}/{TMP_DIR}").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{root}/{TMP_DIR}")
+
+
 def _with_key_hash(batch: pa.Table) -> pa.Table:
     """Ray Data map: each row's key hash as ``order``, the order of rows within a split."""
     return batch.append_column("order", pa.array(key_units(batch["key"].to_pylist())))
+
+
+def _within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _check_apart(
+    config: PrepareConfig,
+    out_fs: pafs.FileSystem,
+    root: str,
+    source_filesystem: pafs.FileSystem | None,
+) -> None:
+    """Refuse an output that is, or lies inside, the source (or holds it). Shards and manifest
+    written into an image folder would turn it into a Parquet source that hides every image
+    added later; a folder inside it would be read as one more class; and a rebuild would
+    delete the shards it is reading from. Paths on one filesystem kind are compared, local
+    ones with links resolved (``/data`` and a link to it are the same folder).
+    """
+    if config.source in CATALOG and source_filesystem is None:
+        return
+    src_fs, src = resolve_uri(config.source, source_filesystem)
+    if src_fs.type_name != out_fs.type_name:
+        return
+    out = root
+    if isinstance(src_fs, pafs.LocalFileSystem):
+        src, out = os.path.realpath(src), os.path.realpath(root)
+    src, out = posixpath.normpath(src), posixpath.normpath(out)
+    if _within(out, src) or _within(src, out):
+        raise ValueError(
+            f"output {config.output!r} and source {config.source!r} overlap: the output must "
+            "be a folder outside the source, and must not contain it"
+        )
+
+
+def _check_classes(writer: _ShardWriter, info: DatasetInfo, source: str) -> None:
+    """Refuse a dataset no classifier can learn from: no rows at all, as from class folders of
+    only unsupported files (``.heic``), or rows of a single class. Caught here it is one clear
+    message; written, it would fail every later stage with "no class folders" or a one-way
+    classifier."""
+    totals = sum(writer.counts.values())
+    present = [c for c, n in zip(info.class_names, totals.tolist(), strict=True) if n]
+    if len(present) >= 2:
+        return
+    classes = len(info.class_names)
+    found = (
+        f"images of only 1 of its {classes} classes ({present[0]})"
+        if present
+        else f"no images in any of its {classes} classes"
+    )
+    read = ", ".join(f".{e}" for e in IMAGE_EXTENSIONS)
+    raise ValueError(
+        f"{source}: {found}; a dataset needs images of at least 2 classes "
+        f"(image folders are read for files ending in {read})"
+    )
 
 
 def prepare(
@@ -164,6 +229,7 @@ def prepare(
     if config.rows_per_shard < 1:
         raise ValueError("rows_per_shard must be positive")
     fs, root = resolve_uri(config.output, output_filesystem)
+    _check_apart(config, fs, root, source_filesystem)
     params = {
         "format": FORMAT,
         "rows_per_shard": config.rows_per_shard,
@@ -193,6 +259,13 @@ def prepare(
     for batch in ds.iter_batches(batch_size=config.rows_per_shard, batch_format="pyarrow"):
         writer.add(batch)
     writer.flush()
+    try:
+        _check_classes(writer, info, config.source)
+    except ValueError:
+        for name in writer.written:  # keep the output as it was: the old manifest stays valid
+            fs.delete_file(f"{root}/{name}")
+        _remove_tmp(fs, root)
+        raise
 
     data = {
         "dataset": info.name,
@@ -222,6 +295,5 @@ def prepare(
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
         if SHARD_NAME.match(entry.base_name) and entry.base_name not in keep:
             fs.delete_file(entry.path)
-    if fs.get_file_info(f"{root}/{TMP_DIR}").type == pafs.FileType.Directory:
-        fs.delete_dir(f"{root}/{TMP_DIR}")
+    _remove_tmp(fs, root)
     return PrepareResult(config.output, checksum, num_rows, False, tuple(writer.written))

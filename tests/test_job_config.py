@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from jobs import pretrain as pretrain_job
 from jobs import serve as serve_job
-from jobs.common import load_config
+from jobs import tune as tune_job
+from jobs.common import add_common_arguments, load_config
 
 PIPELINE = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.py")
 
@@ -72,3 +77,79 @@ def test_serve_job_makes_paths_absolute_and_keeps_registry_uris(
     assert serve_job.model_reference("runs/ckpt/model") == str(tmp_path / "runs/ckpt/model")
     assert serve_job.model_reference("models:/vit-digits@champion") == "models:/vit-digits@champion"
     assert serve_job.model_reference("models:/vit-digits/3") == "models:/vit-digits/3"
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "expected"),
+    [
+        ('finetune.datasets=("digits")', "datasets", ("digits",)),  # a bare str: a 1-tuple
+        ("finetune.learning_rates=0.01", "learning_rates", (0.01,)),
+        ("finetune.learning_rates=(1, 0.5)", "learning_rates", (1, 0.5)),  # int where float
+        ("finetune.image_size=None", "image_size", None),  # Optional
+        ("finetune.max_concurrent_trials=2", "max_concurrent_trials", 2),  # None now, int | None
+        ("finetune.momentum=1", "momentum", 1),
+    ],
+)
+def test_override_values_that_fit_the_field_type(
+    override: str, field: str, expected: object
+) -> None:
+    config = load_config(PIPELINE, smoke=True, overrides=[override])
+    value = getattr(config.finetune, field)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_literal_and_union_fields_take_their_members() -> None:
+    config = load_config(
+        PIPELINE, smoke=True, overrides=["pretrain.decay=linear", "pretrain.num_workers=(1, 2)"]
+    )
+    assert config.pretrain.decay == "linear" and config.pretrain.num_workers == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pretrain.steps=1e3", "pretrain.steps expects int, got 1000.0 (float)"),
+        ("pretrain.steps=True", "pretrain.steps expects int, got True (bool)"),
+        ("scratch_baseline=0", "scratch_baseline expects bool, got 0 (int)"),
+        ("pretrain.use_gpu='yes'", "pretrain.use_gpu expects bool, got 'yes' (str)"),
+        ("pretrain.steps=None", "pretrain.steps expects int, got None"),
+        ("pretrain.decay=step", "pretrain.decay expects Literal['cosine', 'linear'], got 'step'"),
+        ("pretrain.betas=(0.9,)", "pretrain.betas expects tuple[float, float], got (0.9,)"),
+        ("fewshot_shots=(1, 'a')", "fewshot_shots expects tuple[int, ...], got (1, 'a') (tuple)"),
+        ("finetune.datasets=digits", "got 'digits' (not a Python literal)"),
+        ("pretrain.model=1", "pretrain.model expects ViTConfig, got 1"),
+    ],
+)
+def test_override_values_of_another_type_are_refused(override: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        load_config(PIPELINE, smoke=True, overrides=[override])
+
+
+@pytest.mark.parametrize("job", [tune_job, pretrain_job])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: --config"),
+        (["--config", "configs/no_such_config.py"], "no such config file"),
+    ],
+)
+def test_config_jobs_report_usage_errors(
+    job: ModuleType,
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_default_config_set_by_the_job_still_applies() -> None:
+    """jobs/pipeline.py sets its --config default after `add_common_arguments`."""
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser)
+    parser.set_defaults(config=PIPELINE)
+    assert parser.parse_args([]).config == PIPELINE

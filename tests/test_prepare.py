@@ -177,3 +177,64 @@ def test_the_shards_of_an_unfinished_first_run_are_not_read_as_a_dataset(
 def test_cli_reports_a_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert prepare_job.main([str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
     assert "neither a catalog dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_an_output_overlapping_a_folder_source_is_refused(
+    digits_folder: Path, tmp_path: Path, where: str
+) -> None:
+    """Shards in the source would be read back as its images, a folder in it as a class."""
+    source = tmp_path / "data" / "digits"
+    pafs.copy_files(str(digits_folder), str(source))
+    (tmp_path / "link").symlink_to(source)
+    output = {"same": source, "inside": source / "shards", "around": tmp_path / "data"}[where]
+    before = snapshot(tmp_path)
+    spellings = [source, tmp_path / "data" / ".." / "data" / "digits", tmp_path / "link"]
+    for spelling in spellings:
+        with pytest.raises(ValueError, match="overlap"):
+            prepare(PrepareConfig(str(spelling), str(output), rows_per_shard=5))
+    assert snapshot(tmp_path) == before  # nothing written
+
+
+def test_cli_refuses_a_source_without_readable_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("cat", "dog"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "photos" / name / f"{i}.heic").write_bytes(b"\0" * 10)
+    out = tmp_path / "out"
+    assert prepare_job.main([str(tmp_path / "photos"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no images" in err and ".png" in err and ".jpg" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_source_with_images_of_one_class_is_refused_and_the_old_output_kept(
+    digits_folder: Path, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "digits", tmp_path / "out"
+    pafs.copy_files(str(digits_folder), str(source))
+    first = prepare(PrepareConfig(str(source), str(out), rows_per_shard=5))
+    before = snapshot(out)
+    for name in ("three", "seven"):
+        for image in (source / name).rglob("*.*"):
+            image.rename(image.with_suffix(".heic"))
+    with pytest.raises(
+        ValueError, match=r"images of only 1 of its 3 classes \(zero\); .* at least 2"
+    ):
+        prepare(PrepareConfig(str(source), str(out), rows_per_shard=5))
+    assert snapshot(out) == before  # the shards of the refused run are gone
+    assert len(rows(read_dataset(str(out)))) == 26
+    assert json.loads((out / "manifest.json").read_text())["checksum"] == first.checksum
+
+
+@pytest.mark.parametrize("option", ["--dev-fraction", "--test-fraction"])
+def test_cli_reports_a_bad_fraction_as_a_usage_error(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_job.main(["digits", str(tmp_path / "out"), option, "1.5"])
+    assert exit_info.value.code == 2
+    assert "split fractions must lie in [0, 1)" in capsys.readouterr().err
