@@ -4,7 +4,10 @@
     python -m jobs.export --checkpoint runs/imported/b16 --onnx b16.onnx --uint8 --program b16.pt2
 
 The ONNX graph is checked against the eager model through onnxruntime before the job succeeds.
-With --uint8 the graph takes raw pixels and normalises them with the checkpoint's preprocessing.
+A checkpoint whose logits do not depend on the image (the zero-initialised head that
+`jobs.import_weights --num-classes N` gives) fails that check, since equal zeros prove nothing:
+fine-tune it first, or import with --num-classes 0 to export the features. With --uint8 the graph
+takes raw pixels and normalises them with the checkpoint's preprocessing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import torch
 
 from pipelines.training import resolve_checkpoint
 from vit import checkpoint
-from vit.export import check_onnx_parity, example_input, export_onnx, export_program
+from vit.export import (
+    ExportError,
+    check_onnx_parity,
+    example_input,
+    export_onnx,
+    export_program,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.uint8 if args.uint8 else torch.float32
     if args.onnx:
         path = export_onnx(model, args.onnx, example_input(model, 2, dtype))
-        error = check_onnx_parity(model, path, example_input(model, 3, dtype), args.atol)
+        try:
+            error = check_onnx_parity(model, path, example_input(model, 3, dtype), args.atol)
+        except ExportError as failure:
+            raise SystemExit(f"[export] {path} failed its check against eager: {failure}") from None
         print(f"[export] {path}: onnxruntime matches eager to {error:.1e}")
     if args.program:
         torch.export.save(export_program(model, example_input(model, 2, dtype)), args.program)

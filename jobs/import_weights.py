@@ -8,7 +8,11 @@
 Writes a vit checkpoint directory (`vit.checkpoint`) whose provenance names the source file, its
 SHA-256 and the import arguments. PyTorch files are read with `torch.load(weights_only=True)`,
 which refuses pickled code; `.safetensors` and `.npz` files hold only arrays. For Hugging Face,
-PATH may be a model directory: its config.json supplies the head count and the LayerNorm eps.
+PATH may be a model directory: its config.json supplies the head count, the LayerNorm eps and the
+patch grid, and its weights are model.safetensors or else pytorch_model.bin (read as above).
+timm files do not record the model's `global_pool` or `no_embed_class`: give them when the timm
+model was not built with the defaults (--global-pool, --no-embed-class). A non-square model needs
+the size it was trained at (--image-size H W) or its patch grid (--grid-size ROWS COLS).
 With --register, the checkpoint is logged to an MLflow run (stage `import`) and registered as a
 new version of NAME under the alias `imported` (see --alias).
 """
@@ -33,6 +37,7 @@ from vit.config import Preprocessing
 from vit.convert import from_hf, from_npz, from_timm, from_torchvision
 
 CONVERTERS = {"timm": from_timm, "torchvision": from_torchvision, "hf": from_hf, "npz": from_npz}
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -54,6 +59,33 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def hf_weights(directory: Path) -> Path:
+    """The weights file of a Hugging Face model directory, safetensors first."""
+    for name in HF_WEIGHTS:
+        if (directory / name).is_file():
+            return directory / name
+    raise SystemExit(
+        f"cannot import {directory}: a Hugging Face model directory needs "
+        f"{' or '.join(HF_WEIGHTS)} (sharded checkpoints are not supported)"
+    )
+
+
+def hf_grid(hf_config: dict[str, Any]) -> tuple[int, int] | None:
+    """The patch grid config.json describes: the position table's shape, which its length isn't."""
+    size, patch = hf_config.get("image_size"), hf_config.get("patch_size")
+    if not (size and patch):
+        return None
+    height, width = (size, size) if isinstance(size, int) else size
+    return (height // patch, width // patch)
+
+
+def size_argument(values: list[int] | None) -> int | tuple[int, int] | None:
+    """--image-size / --grid-size: one number for a square, two for (height, width)."""
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -68,17 +100,24 @@ def convert(args: argparse.Namespace) -> tuple[VisionTransformer, Path]:
     options: dict[str, Any] = {
         "num_heads": args.num_heads,
         "num_classes": args.num_classes,
-        "image_size": args.image_size,
+        "image_size": size_argument(args.image_size),
+        "grid_size": size_argument(args.grid_size),
         "patch_size": args.patch_size,
         "keep_pre_logits": args.keep_pre_logits,
     }
+    if args.source_format == "timm":
+        options["global_pool"] = args.global_pool
+        options["no_embed_class"] = args.no_embed_class
     if args.source_format == "hf" and path.is_dir():
         config_file = path / "config.json"
         if config_file.is_file():
             hf_config = json.loads(config_file.read_text())
             options["num_heads"] = options["num_heads"] or hf_config.get("num_attention_heads")
             options["layer_norm_eps"] = hf_config.get("layer_norm_eps", 1e-12)
-        path = path / "model.safetensors"
+            options["grid_size"] = options["grid_size"] or hf_grid(hf_config)
+        path = hf_weights(path)
+    if not path.is_file():
+        raise SystemExit(f"cannot import {path}: no such file")
     if args.layer_norm_eps is not None:
         options["layer_norm_eps"] = args.layer_norm_eps
     if args.source_format == "npz" or (
@@ -120,12 +159,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num-classes", type=int, help="new zero-initialised head (0: none); default: keep"
     )
-    parser.add_argument("--image-size", type=int, help="resample the position embedding to it")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="input size, H or H W: the position embedding is resampled to it",
+    )
+    parser.add_argument(
+        "--grid-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="patch grid (ROWS or ROWS COLS) of the weights' position table; default: square",
+    )
     parser.add_argument("--patch-size", type=int, help="resample the patch embedding to it")
     parser.add_argument("--num-heads", type=int, help="default: from the weights or the variant")
     parser.add_argument("--layer-norm-eps", type=float, help="default: the source codebase's")
     parser.add_argument(
         "--keep-pre-logits", action="store_true", help="keep the pre-logits layer on a new head"
+    )
+    parser.add_argument(
+        "--global-pool",
+        choices=["token", "avg"],
+        help="timm only: the model's global_pool, which its file does not record",
+    )
+    parser.add_argument(
+        "--no-embed-class",
+        action="store_true",
+        help="timm only: the model was built with no_embed_class (no class-token position)",
     )
     parser.add_argument("--mean", type=float, nargs="+", help="preprocessing mean per channel")
     parser.add_argument("--std", type=float, nargs="+", help="preprocessing std per channel")
@@ -135,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", default="imported", help="alias of the registered version")
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
     args = parser.parse_args(argv)
+    for name, values in (("--image-size", args.image_size), ("--grid-size", args.grid_size)):
+        if values is not None and len(values) > 2:
+            parser.error(f"{name} takes one or two numbers")
+    if args.source_format != "timm" and (args.global_pool or args.no_embed_class):
+        parser.error("--global-pool and --no-embed-class describe timm models only")
     try:
         model, weights = convert(args)
     except ValueError as error:  # a ConversionError, or a config the weights cannot have

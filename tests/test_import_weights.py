@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm.models.vision_transformer as timm_vit
 import torch
+import transformers
 
 from jobs import export as export_job
 from jobs import import_weights
@@ -80,8 +81,10 @@ def test_import_registers_in_mlflow_and_exports(
     registered, _ = checkpoint.load(downloaded)
     assert registered.config == model.config
 
-    # With the zero head every output is 0, whatever the graph computes: export the model with
-    # a random head, so that the comparison covers the in-graph normalisation and the encoder.
+    # With the zero head every output is 0, whatever the graph computes: the export job refuses
+    # to call that parity. With a random head the comparison covers the normalisation and encoder.
+    with pytest.raises(SystemExit, match="zero-initialised"):
+        export_job.main(["--checkpoint", str(out), "--onnx", str(tmp_path / "zero.onnx")])
     torch.nn.init.normal_(model.head.weight)
     random_head = tmp_path / "random-head"
     checkpoint.save(model, random_head, class_names=meta.class_names)
@@ -91,6 +94,63 @@ def test_import_registers_in_mlflow_and_exports(
     pixels = example_input(model, 4, torch.uint8)
     assert model(pixels).std() > 0.01
     assert check_onnx_parity(model, onnx_path, pixels) < 1e-4
+
+
+def test_timm_pooling_is_an_argument_and_refused_where_unrepresentable(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm_vit.VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2,
+        num_classes=4,
+        global_pool="avg",
+        fc_norm=False,
+    )
+    path = tmp_path / "cls-avg.pth"
+    torch.save(model.state_dict(), path)
+    argv = ["--from", "timm", str(path), "--out", str(tmp_path / "out"), "--num-heads", "2"]
+    with pytest.raises(SystemExit, match=r"cannot import .*'avg' with a class token"):
+        import_weights.main([*argv, "--global-pool", "avg"])
+    with pytest.raises(SystemExit) as usage:  # a timm-only flag on another format
+        import_weights.main([*argv[:1], "npz", *argv[2:], "--global-pool", "avg"])
+    assert usage.value.code == 2
+
+
+def hf_directory(directory: Path, image_size: tuple[int, int]) -> transformers.ViTModel:
+    """A Hugging Face model directory the old way: config.json and pytorch_model.bin."""
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return model
+
+
+def test_a_hf_directory_with_pytorch_model_bin(tmp_path: Path) -> None:
+    """Read like any torch file (tensors only); the non-square grid comes from config.json."""
+    source = tmp_path / "hf"
+    reference = hf_directory(source, (32, 48))
+    out = tmp_path / "ckpt"
+    assert import_weights.main(["--from", "hf", str(source), "--out", str(out)]) == 0
+    model, meta = checkpoint.load(out)
+    assert meta.config.image_size == (32, 48)
+    assert meta.provenance["source_path"].endswith("pytorch_model.bin")
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x).logits, atol=1e-5, rtol=1e-5)
+    (source / "pytorch_model.bin").unlink()
+    with pytest.raises(SystemExit, match=r"needs model\.safetensors or pytorch_model\.bin"):
+        import_weights.main(["--from", "hf", str(source), "--out", str(out)])
 
 
 def test_pickled_code_is_refused(tmp_path: Path) -> None:

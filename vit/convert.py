@@ -10,11 +10,19 @@ apart. Import checks the names both ways: an unknown key is a part of the source
 be silently dropped, a missing one a part left at its random initialisation; both raise
 `ConversionError` with the names.
 
-The weights fix the architecture (width, depth, MLP width, patch size, grid, class token, pre-logits
+The weights fix the architecture (width, depth, MLP width, patch size, class token, pre-logits
 layer, head) but not everything a model needs, so the rest are arguments with per-codebase
 defaults: the head count (read from `.npz` kernels, otherwise looked up among the paper's
 variants), the LayerNorm eps (1e-6 everywhere but Hugging Face, which defaults to 1e-12; a wrong
 eps shifts every output a little), and the preprocessing that must travel with the weights.
+
+Nor do they fix the patch grid: a position table is a flat list of rows, so its length gives the
+number of positions, not the rows and columns. Whether one row belongs to the class token is a
+convention of each layout (torchvision, Hugging Face and vit_jax include it, big_vision never,
+timm unless `no_embed_class`), not a guess from the length; the remaining positions are read as a
+square grid unless `grid_size` says otherwise, or `image_size` asks for a grid of just that many
+positions. A count that is no square, with neither given, raises rather than guessing. timm's
+pooling (`global_pool`) is not stored either, and is an argument of `from_timm`.
 
 The same arguments adapt the weights to a new task, as the paper's fine-tuning does: another
 `image_size` resamples the position embedding in 2D (`vit.posemb`, the config's interpolation
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +49,7 @@ from vit.model import VisionTransformer
 from vit.posemb import resample_pos_embed
 
 Tensors = dict[str, torch.Tensor]
+Size = int | tuple[int, int]
 NpzLayout = Literal["vit_jax", "big_vision", "big_vision_scan"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,9 +102,18 @@ class _Tensor:
 
 @dataclass(frozen=True)
 class _Layout:
+    """A codebase's names, and whether its position table has a row for the class token.
+
+    `class_row` is the codebase's convention, not a property of one file: a table's length cannot
+    tell a class-token row from a patch position (1 + 4x6 rows are as many as 5x5). `note` says
+    how to pick the other convention, where the codebase has one.
+    """
+
     name: str
     top: list[_Tensor]
     block: Callable[[int], list[_Tensor]]
+    class_row: bool = True
+    note: str = ""
 
     def tensors(self, depth: int) -> list[_Tensor]:
         return self.top + [t for i in range(depth) for t in self.block(i)]
@@ -112,7 +131,8 @@ def _renamed(ours: str, theirs: str, names: Mapping[str, str]) -> list[_Tensor]:
 _BLOCK_LAYERS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
 
-def _timm_layout() -> _Layout:
+def _timm_layout(no_embed_class: bool = False) -> _Layout:
+    """timm's names are ours; `no_embed_class` tables give the class token no position row."""
     top = [
         _Tensor("cls_token", ("cls_token",), "cls_token"),
         _Tensor("pos_embed", ("pos_embed",)),
@@ -125,6 +145,8 @@ def _timm_layout() -> _Layout:
         "timm",
         top,
         lambda i: _renamed(f"blocks.{i}.", f"blocks.{i}.", {n: n for n in _BLOCK_LAYERS}),
+        class_row=not no_embed_class,
+        note="" if no_embed_class else " (a timm model built with no_embed_class has none)",
     )
 
 
@@ -277,7 +299,8 @@ def _flax_layout(prefix: str, big_vision: bool, num_heads: int = 0) -> _Layout:
             *_dense(f"{ours}mlp.fc2", f"{theirs}{mlp}/Dense_1"),
         ]
 
-    return _Layout("big_vision" if big_vision else "vit_jax", top, block)
+    # big_vision adds positions to the patches only, then prepends the class token.
+    return _Layout("big_vision" if big_vision else "vit_jax", top, block, class_row=not big_vision)
 
 
 # --------------------------------------------------------------------------- the two directions
@@ -373,19 +396,69 @@ def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
     return (flat @ pinv.T).reshape(*weight.shape[:2], patch_size, patch_size).to(weight.dtype)
 
 
+def _pair(size: Size) -> tuple[int, int]:
+    """An int or (H, W) as (H, W)."""
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size
+    return (int(height), int(width))
+
+
+def _table_grid(
+    positions: int, grid_size: Size | None, image_grid: tuple[int, int] | None, what: str
+) -> tuple[int, int]:
+    """The rows and columns of a position table of `positions` patch positions.
+
+    Only the length is stored, so the shape comes from the caller: an explicit `grid_size`, else
+    the grid of the requested image size when it has just that many positions (the size the
+    weights were trained at), else a square, the shape of every published checkpoint. Any other
+    count would be a guess (24 positions may be 4x6 or 2x12) and raises; `what` names the table.
+    """
+    if grid_size is not None:
+        grid = _pair(grid_size)
+        if grid[0] * grid[1] != positions:
+            raise ConversionError(f"{what}, not the {grid[0]}x{grid[1]} of grid_size")
+        return grid
+    if image_grid is not None and image_grid[0] * image_grid[1] == positions:
+        return image_grid
+    side = math.isqrt(max(positions, 0))
+    if positions < 1 or side * side != positions:
+        raise ConversionError(
+            f"{what}, which is no square grid: pass grid_size=(rows, columns), or the image_size "
+            "the weights were trained at"
+        )
+    return (side, side)
+
+
+def _table_description(layout: _Layout, rows: int, class_token: bool) -> str:
+    """How a table's rows were counted, for errors: the class-token row is the layout's rule."""
+    table = f"the {layout.name} position table has {rows} rows"
+    if not class_token:
+        return f"{table} of patch positions"
+    if layout.class_row:
+        return f"{table}: one for the class token{layout.note}, {rows - 1} patch positions"
+    return f"{table} of patch positions (the class token has none in {layout.name})"
+
+
 def _build(
     state: Tensors,
+    layout: _Layout,
     *,
     num_heads: int | None,
     layer_norm_eps: float,
     preprocessing: Preprocessing | None,
-    default_preprocessing: Callable[[int], Preprocessing],
+    default_preprocessing: Callable[[tuple[int, int]], Preprocessing],
     num_classes: int | None,
-    image_size: int | None,
+    image_size: Size | None,
+    grid_size: Size | None,
     patch_size: int | None,
     keep_pre_logits: bool,
 ) -> VisionTransformer:
-    """Infer the config from our-named tensors, adapt them to the requested geometry and head."""
+    """Infer the config from our-named tensors, adapt them to the requested geometry and head.
+
+    `grid_size` is the (rows, columns) the position table was trained at; `image_size` and
+    `patch_size` the model wanted, the table and kernel being resampled when they differ.
+    """
     width, channels, patch, patch_w = state["patch_embed.proj.weight"].shape
     if patch != patch_w:
         raise ConversionError(f"non-square patches ({patch}x{patch_w}) are not supported")
@@ -394,27 +467,28 @@ def _build(
         raise ConversionError("the weights hold no transformer blocks")
     mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
     prefix = 1 if "cls_token" in state else 0
+    wanted = None if image_size is None else _pair(image_size)
+    new_patch = patch_size or patch
+    image_grid = None if wanted is None else (wanted[0] // new_patch, wanted[1] // new_patch)
     pos = state.get("pos_embed")
     if pos is not None:
-        if prefix and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
-            # The class token carries no position (big_vision, timm's no_embed_class): a zero row
-            # gives the same sum and our layout.
+        class_row = prefix if layout.class_row else 0
+        what = _table_description(layout, pos.shape[1], bool(prefix))
+        grid = _table_grid(pos.shape[1] - class_row, grid_size, image_grid, what)
+        if prefix and not class_row:
+            # The class token carries no position: a zero row gives the same sum and our layout.
             pos = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
             state["pos_embed"] = pos
-        side = math.isqrt(pos.shape[1] - prefix)
-        if side * side != pos.shape[1] - prefix:
-            raise ConversionError(
-                f"a position embedding of {pos.shape[1]} tokens is no square grid"
-                + (" plus a class token" if prefix else "")
-            )
-        source_size = side * patch
-    elif image_size is None:
-        raise ConversionError("fixed sin-cos position embedding: pass the image_size")
+        source_size = (grid[0] * patch, grid[1] * patch)
+    elif wanted is not None:  # a fixed sin-cos table: computed for whatever grid is asked
+        source_size = wanted
+    elif grid_size is not None:
+        source_size = (_pair(grid_size)[0] * patch, _pair(grid_size)[1] * patch)
     else:
-        source_size = image_size
+        raise ConversionError("fixed sin-cos position embedding: pass the image_size")
     head = state.get("head.weight")
     pre_logits = state.get("pre_logits.fc.weight")
-    target_size = image_size or source_size
+    target_size = wanted or source_size
     source = ViTConfig(
         image_size=source_size,
         patch_size=patch,
@@ -430,7 +504,7 @@ def _build(
         layer_norm_eps=layer_norm_eps,
         preprocessing=preprocessing or default_preprocessing(target_size),
     )
-    target = source.replace(image_size=target_size, patch_size=patch_size or patch)
+    target = source.replace(image_size=target_size, patch_size=new_patch)
     state["patch_embed.proj.weight"] = resample_patch_embed(
         state["patch_embed.proj.weight"], target.patch_size
     )
@@ -448,24 +522,74 @@ def _build(
     return model
 
 
-def _timm_preprocessing(image_size: int) -> Preprocessing:
-    """timm's default for its ViTs: 0.5 mean/std, bicubic, centre crop of 90%."""
-    return Preprocessing(resize_size=math.floor(image_size / 0.9), interpolation="bicubic")
+def _timm_preprocessing(image_size: tuple[int, int]) -> Preprocessing:
+    """timm's default for its ViTs: 0.5 mean/std, bicubic, centre crop of 90% (shorter side)."""
+    return Preprocessing(resize_size=math.floor(min(image_size) / 0.9), interpolation="bicubic")
 
 
-def _google_preprocessing(image_size: int) -> Preprocessing:
+def _google_preprocessing(image_size: tuple[int, int]) -> Preprocessing:
     """Google's and Hugging Face's: 0.5 mean/std, bilinear resize straight to the input size."""
     return Preprocessing()
 
 
-def _torchvision_preprocessing(image_size: int) -> Preprocessing:
+def _torchvision_preprocessing(image_size: tuple[int, int]) -> Preprocessing:
     """torchvision's ImageNet weights: ImageNet statistics, bilinear, resize 256 crop 224."""
     return Preprocessing(
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size=math.floor(image_size / 0.875)
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size=math.floor(min(image_size) / 0.875)
     )
 
 
 # ---------------------------------------------------------------------------------- importers
+_TIMM_POOLS = ("token", "avg")
+
+
+def _timm_pooling(global_pool: str | None, class_token: bool) -> None:
+    """Refuse a timm `global_pool` that our model, with or without its class token, cannot run.
+
+    Ours pools on the class token exactly when it has one. A timm model that keeps the token but
+    averages the patch tokens still lets the token take part in attention, so dropping it would
+    change every output, and pooling on it would read the wrong token.
+    """
+    if global_pool is None:
+        return
+    if global_pool not in _TIMM_POOLS:
+        raise ConversionError(
+            f"timm global_pool {global_pool!r} is not supported: only 'token' and 'avg'"
+        )
+    if global_pool == "token" and not class_token:
+        raise ConversionError("global_pool 'token', but the weights have no class token")
+    if global_pool == "avg" and class_token:
+        raise ConversionError(
+            "global_pool 'avg' with a class token (mean of the patch tokens, the class token "
+            "attending) is not supported: only class-token pooling or a model without the token"
+        )
+
+
+_TORCHVISION_LEGACY_MLP = re.compile(
+    r"(encoder\.layers\.encoder_layer_\d+\.mlp\.)linear_([12])\.(weight|bias)"
+)
+
+
+def _torchvision_current_names(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
+    """Rename the MLP layers of torchvision's published ViT weights to today's names.
+
+    Those files predate pytorch/vision#6053 and name the layers `mlp.linear_1` / `mlp.linear_2`;
+    torchvision renames them on load (`MLPBlock._load_from_state_dict`, version < 2) to
+    `mlp.0` / `mlp.3`, and so do we. A legacy name whose new name is present too is left alone,
+    to be reported as an unknown key.
+    """
+    renamed = dict(state_dict)
+    for key in state_dict:
+        match = _TORCHVISION_LEGACY_MLP.fullmatch(key)
+        if match is None:
+            continue
+        block, index, kind = match.groups()
+        new = f"{block}{3 * (int(index) - 1)}.{kind}"
+        if new not in renamed:
+            renamed[new] = renamed.pop(key)
+    return renamed
+
+
 def from_timm(
     state_dict: Mapping[str, torch.Tensor],
     *,
@@ -473,29 +597,41 @@ def from_timm(
     layer_norm_eps: float = 1e-6,
     preprocessing: Preprocessing | None = None,
     num_classes: int | None = None,
-    image_size: int | None = None,
+    image_size: Size | None = None,
+    grid_size: Size | None = None,
     patch_size: int | None = None,
     keep_pre_logits: bool = False,
+    global_pool: str | None = None,
+    no_embed_class: bool = False,
 ) -> VisionTransformer:
     """A timm `VisionTransformer` state dict (timm names are ours).
 
-    Class-token or GAP pooling with the final norm before pooling; a position table with or
-    without the class-token row (`no_embed_class`). timm's `fc_norm` (pool, then normalise),
-    register tokens, layer scale and other variants raise. The default preprocessing is timm's
-    for its ViTs; weights trained with ImageNet statistics (DeiT) need `preprocessing`.
+    Class-token or GAP pooling with the final norm before pooling. timm's state dict records
+    neither how the model pools nor whether its position table has a class-token row, so pass
+    the timm model's own `global_pool` and `no_embed_class` when they are not timm's defaults:
+    `global_pool` defaults to "token" with a class token and "avg" without, and a class token
+    with "avg" (or any other pooling) raises, as ours cannot represent it. A model built with
+    `global_pool="avg"` but the class token kept imports *wrongly* if the argument is left out:
+    nothing in the weights tells. timm's `fc_norm` (pool, then normalise), register tokens,
+    layer scale and other variants raise. The default preprocessing is timm's for its ViTs;
+    weights trained with ImageNet statistics (DeiT) need `preprocessing`.
     """
     if "fc_norm.weight" in state_dict:
         raise ConversionError(
             "this timm model normalises after pooling (fc_norm); only norm-then-pool is supported"
         )
+    _timm_pooling(global_pool, "cls_token" in state_dict)
+    layout = _timm_layout(no_embed_class)
     return _build(
-        _read(_timm_layout(), state_dict),
+        _read(layout, state_dict),
+        layout,
         num_heads=num_heads,
         layer_norm_eps=layer_norm_eps,
         preprocessing=preprocessing,
         default_preprocessing=_timm_preprocessing,
         num_classes=num_classes,
         image_size=image_size,
+        grid_size=grid_size,
         patch_size=patch_size,
         keep_pre_logits=keep_pre_logits,
     )
@@ -508,22 +644,28 @@ def from_torchvision(
     layer_norm_eps: float = 1e-6,
     preprocessing: Preprocessing | None = None,
     num_classes: int | None = None,
-    image_size: int | None = None,
+    image_size: Size | None = None,
+    grid_size: Size | None = None,
     patch_size: int | None = None,
     keep_pre_logits: bool = False,
 ) -> VisionTransformer:
     """A `torchvision.models.VisionTransformer` state dict (`heads.pre_logits` kept as ours).
 
-    The default preprocessing is that of torchvision's ImageNet weights.
+    The MLP names of torchvision's published weight files (`mlp.linear_1`, `mlp.linear_2`) are
+    read as torchvision reads them. The default preprocessing is that of torchvision's ImageNet
+    weights.
     """
+    layout = _torchvision_layout()
     return _build(
-        _read(_torchvision_layout(), state_dict),
+        _read(layout, _torchvision_current_names(state_dict)),
+        layout,
         num_heads=num_heads,
         layer_norm_eps=layer_norm_eps,
         preprocessing=preprocessing,
         default_preprocessing=_torchvision_preprocessing,
         num_classes=num_classes,
         image_size=image_size,
+        grid_size=grid_size,
         patch_size=patch_size,
         keep_pre_logits=keep_pre_logits,
     )
@@ -536,7 +678,8 @@ def from_hf(
     layer_norm_eps: float = 1e-12,
     preprocessing: Preprocessing | None = None,
     num_classes: int | None = None,
-    image_size: int | None = None,
+    image_size: Size | None = None,
+    grid_size: Size | None = None,
     patch_size: int | None = None,
     keep_pre_logits: bool = False,
 ) -> VisionTransformer:
@@ -545,21 +688,25 @@ def from_hf(
     Both the Hub file names and the transformers 5 module names are read. `ViTModel`'s pooler
     (dense + tanh on the class token) becomes our pre-logits layer. The LayerNorm eps defaults to
     transformers' 1e-12 (check the model's config.json); the preprocessing to `ViTImageProcessor`'s
-    (0.5 mean/std, bilinear resize straight to the input size).
+    (0.5 mean/std, bilinear resize straight to the input size). A non-square model needs its
+    config.json `image_size` as `image_size` (or its grid as `grid_size`).
     """
     source = state_dict_or_safetensors_path
     if not isinstance(source, Mapping):
         source = load_file(os.fspath(source))
     prefix = "vit." if any(key.startswith("vit.") for key in source) else ""
     hub_names = any(".encoder.layer." in f".{key}" for key in source)
+    layout = _hf_layout(prefix, hub_names)
     return _build(
-        _read(_hf_layout(prefix, hub_names), source),
+        _read(layout, source),
+        layout,
         num_heads=num_heads,
         layer_norm_eps=layer_norm_eps,
         preprocessing=preprocessing,
         default_preprocessing=_google_preprocessing,
         num_classes=num_classes,
         image_size=image_size,
+        grid_size=grid_size,
         patch_size=patch_size,
         keep_pre_logits=keep_pre_logits,
     )
@@ -572,7 +719,8 @@ def from_npz(
     layer_norm_eps: float = 1e-6,
     preprocessing: Preprocessing | None = None,
     num_classes: int | None = None,
-    image_size: int | None = None,
+    image_size: Size | None = None,
+    grid_size: Size | None = None,
     patch_size: int | None = None,
     keep_pre_logits: bool = False,
 ) -> VisionTransformer:
@@ -585,7 +733,8 @@ def from_npz(
     top and may stack all blocks along a leading axis (`Transformer/encoderblock/...`, "scan").
     The parameters may sit under a prefix (`params/`, `params/img/`, `opt/target/`); keys outside
     it (optimiser state, a text tower) are not part of the ViT and are ignored. A MAP
-    (attention-pooling) head raises; so would an unknown or missing parameter.
+    (attention-pooling) head raises; so would an unknown or missing parameter. The head count is
+    read from the per-head attention kernels; a `num_heads` that disagrees with them raises.
     """
     if isinstance(path_or_mapping, Mapping):
         arrays = dict(path_or_mapping)
@@ -613,20 +762,24 @@ def from_npz(
         for i, tensor in enumerate(source.pop(key)):
             source[f"{prefix}Transformer/encoderblock_{i}/{key.removeprefix(scan)}"] = tensor
     big_vision = not any("/MlpBlock_3/" in key for key in source)
-    state = _read(_flax_layout(prefix, big_vision), source)
-    if num_heads is None:
-        attention = (
-            "MultiHeadDotProductAttention_0" if big_vision else "MultiHeadDotProductAttention_1"
+    layout = _flax_layout(prefix, big_vision)
+    state = _read(layout, source)
+    attention = "MultiHeadDotProductAttention_0" if big_vision else "MultiHeadDotProductAttention_1"
+    stored = source[f"{prefix}Transformer/encoderblock_0/{attention}/query/kernel"].shape[1]
+    if num_heads is not None and num_heads != stored:
+        raise ConversionError(
+            f"num_heads={num_heads}, but the attention kernels hold {stored} heads"
         )
-        num_heads = source[f"{prefix}Transformer/encoderblock_0/{attention}/query/kernel"].shape[1]
     return _build(
         state,
-        num_heads=num_heads,
+        layout,
+        num_heads=stored,
         layer_norm_eps=layer_norm_eps,
         preprocessing=preprocessing,
         default_preprocessing=_google_preprocessing,
         num_classes=num_classes,
         image_size=image_size,
+        grid_size=grid_size,
         patch_size=patch_size,
         keep_pre_logits=keep_pre_logits,
     )

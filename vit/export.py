@@ -78,14 +78,37 @@ def check_onnx_parity(
 ) -> float:
     """Run `inputs` through onnxruntime and the eager model; the largest absolute difference.
 
-    Raises `ExportError` when it exceeds `atol`, or when the shapes differ.
+    Raises `ExportError` when it exceeds `atol`, when the shapes differ, or when the eager
+    outputs do not vary across the inputs by more than `atol`: then they would match a graph of
+    any encoder, or of none (see `_input_dependent`). Pass at least two different inputs; one
+    cannot show that the outputs depend on it.
     """
     session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: inputs.cpu().numpy()})
     expected = model.eval()(inputs).float().cpu().numpy()
     if got.shape != expected.shape:
         raise ExportError(f"ONNX output shape {got.shape}, eager {expected.shape}")
+    _input_dependent(expected, atol)
     error = float(np.abs(got - expected).max())
     if error > atol:
         raise ExportError(f"ONNX outputs differ from eager by up to {error:.2e} (> {atol:.0e})")
     return error
+
+
+def _input_dependent(outputs: np.ndarray, atol: float) -> None:
+    """Refuse outputs that barely change from one input to the next: parity on them is void.
+
+    A zero-initialised head (an imported checkpoint given a new class count, before fine-tuning)
+    makes every logit 0 whatever the encoder computes, so a wrong or stale graph would pass. We
+    refuse rather than compare the pre-head features as well: those are no output of the graph
+    that ships, and a model whose outputs ignore the image is not one to deploy.
+    """
+    if len(outputs) < 2:
+        return
+    spread = float(np.abs(outputs - outputs[:1]).max())
+    if spread <= atol:
+        raise ExportError(
+            f"the eager outputs vary across the inputs by only {spread:.1e} (<= {atol:.0e}), so "
+            "matching them shows nothing about the graph: is the head still zero-initialised? "
+            "Fine-tune the model first, or drop the head (num_classes=0) to export the features"
+        )

@@ -114,7 +114,9 @@ def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
 )
 def test_timm_round_trip(options: dict[str, object], images: torch.Tensor) -> None:
     theirs = randomized(timm_model(**options))
-    model = from_timm(theirs.state_dict(), num_heads=HEADS)
+    # The arguments the state dict does not record are timm's own, passed through unchanged.
+    unrecorded = {k: v for k, v in options.items() if k in ("global_pool", "no_embed_class")}
+    model = from_timm(theirs.state_dict(), num_heads=HEADS, **unrecorded)  # type: ignore[arg-type]
     assert model.config.pooling == ("gap" if "class_token" in options else "token")
     assert_close(run(model, images), run(theirs, images))
     back = timm_model(**{k: v for k, v in options.items() if k != "no_embed_class"})
@@ -126,6 +128,28 @@ def test_timm_pool_then_normalise_is_refused() -> None:
     state = timm_model(class_token=False, global_pool="avg").state_dict()
     with pytest.raises(ConversionError, match="fc_norm"):
         from_timm(state, num_heads=HEADS)
+
+
+def test_timm_pooling_the_weights_do_not_record_is_an_argument() -> None:
+    """A class token with mean pooling has the same state dict as class-token pooling."""
+    cls_avg = randomized(timm_model(global_pool="avg", fc_norm=False)).state_dict()
+    assert cls_avg.keys() == timm_model().state_dict().keys()
+    with pytest.raises(ConversionError, match="'avg' with a class token"):
+        from_timm(cls_avg, num_heads=HEADS, global_pool="avg")
+    gap = timm_model(class_token=False, global_pool="avg", fc_norm=False).state_dict()
+    with pytest.raises(ConversionError, match="no class token"):
+        from_timm(gap, num_heads=HEADS, global_pool="token")
+    with pytest.raises(ConversionError, match="'max' is not supported"):
+        from_timm(gap, num_heads=HEADS, global_pool="max")
+
+
+def test_a_timm_table_without_the_class_row_needs_no_embed_class() -> None:
+    """16 rows are not 1 + 15 patch positions: the error names the argument rather than guess."""
+    state = timm_model(no_embed_class=True).state_dict()
+    with pytest.raises(ConversionError, match="no_embed_class"):
+        from_timm(state, num_heads=HEADS)
+    with pytest.raises(ConversionError, match="no_embed_class"):  # nor with the true size
+        from_timm(state, num_heads=HEADS, image_size=IMAGE)
 
 
 def test_unknown_and_missing_keys_are_named() -> None:
@@ -173,6 +197,21 @@ def test_torchvision_round_trip_with_pre_logits(images: torch.Tensor) -> None:
     back = tv_model()
     back.load_state_dict(to_torchvision(model), strict=True)
     assert_close(run(back, images), run(theirs, images))
+
+
+def test_torchvision_published_mlp_names_are_read(images: torch.Tensor) -> None:
+    """torchvision's weight files name the MLP layers `mlp.linear_1/2` (renamed on load)."""
+    theirs = randomized(tv_model())
+    legacy = {
+        k.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2."): v
+        for k, v in theirs.state_dict().items()
+    }
+    assert any(".mlp.linear_2.bias" in k for k in legacy)
+    tv_model().load_state_dict(legacy, strict=True)  # torchvision takes them as they are
+    assert_close(run(from_torchvision(legacy, num_heads=HEADS), images), run(theirs, images))
+    both = {**legacy, **theirs.state_dict()}  # old and new names of one layer: which one?
+    with pytest.raises(ConversionError, match=r"mlp\.linear_1"):
+        from_torchvision(both, num_heads=HEADS)
 
 
 def test_preprocessing_travels_with_the_weights() -> None:
@@ -262,6 +301,14 @@ def test_npz_round_trip_checked_by_timm_reader(
     assert_close(run(converted, images), run(model, images))
 
 
+def test_npz_head_count_must_match_the_kernels(tmp_path: Path) -> None:
+    path = tmp_path / "vit.npz"
+    to_npz(ours(), path)
+    assert from_npz(path, num_heads=HEADS).config.num_heads == HEADS
+    with pytest.raises(ConversionError, match=f"hold {HEADS} heads"):
+        from_npz(path, num_heads=2 * HEADS)
+
+
 def test_npz_pre_logits_and_sincos_positions(images: torch.Tensor, tmp_path: Path) -> None:
     model = ours(pos_embed="sincos2d", representation_size=16)
     path = tmp_path / "vit.npz"
@@ -295,6 +342,67 @@ def test_a_new_image_size_resamples_the_position_embedding() -> None:
     expected = resample_pos_embed(source.pos_embed.detach(), (4, 4), (8, 8), 1, "bicubic")
     assert torch.equal(model.pos_embed.detach(), expected)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, CLASSES)
+
+
+NON_SQUARE = (32, 48)  # a 4x6 grid: 1 + 24 rows, as many as a 5x5 grid's 25
+
+
+@pytest.fixture
+def images_4x6() -> torch.Tensor:
+    return torch.randn(3, 3, *NON_SQUARE, generator=torch.Generator().manual_seed(2))
+
+
+def test_non_square_timm_and_hf_models_import_at_their_size(images_4x6: torch.Tensor) -> None:
+    theirs = randomized(timm_model(img_size=NON_SQUARE))
+    hf = randomized(transformers.ViTForImageClassification(hf_config(image_size=NON_SQUARE)))
+    for convert, state in [(from_timm, theirs.state_dict()), (from_hf, hf.state_dict())]:
+        with pytest.raises(ConversionError, match="24 patch positions, which is no square grid"):
+            convert(state, num_heads=HEADS)
+    for size in [{"image_size": NON_SQUARE}, {"grid_size": (4, 6)}]:
+        model = from_timm(theirs.state_dict(), num_heads=HEADS, **size)  # type: ignore[arg-type]
+        assert model.config.image_size == NON_SQUARE
+        assert model.config.preprocessing.resize_size == 35  # timm's 90% of the shorter side
+        assert_close(run(model, images_4x6), run(theirs, images_4x6))
+        model = from_hf(hf.state_dict(), num_heads=HEADS, **size)  # type: ignore[arg-type]
+        assert_close(run(model, images_4x6), run(hf, images_4x6))
+
+
+@pytest.mark.parametrize("layout", ["timm", "torchvision", "hf", "vit_jax", "big_vision"])
+def test_non_square_models_round_trip_through_every_layout(
+    layout: str, images_4x6: torch.Tensor, tmp_path: Path
+) -> None:
+    """The class-token row is each layout's convention (big_vision has none), not guessed."""
+    source = ours(image_size=NON_SQUARE, representation_size=None)
+    if layout.startswith(("vit_jax", "big_vision")):
+        to_npz(source, tmp_path / "vit.npz", layout=layout)  # type: ignore[arg-type]
+        state, convert = np.load(tmp_path / "vit.npz"), from_npz
+    else:
+        writer, convert = {
+            "timm": (to_timm, from_timm),
+            "torchvision": (to_torchvision, from_torchvision),
+            "hf": (to_hf, from_hf),
+        }[layout]
+        state = writer(source)
+    options = {"num_heads": HEADS, "layer_norm_eps": source.config.layer_norm_eps}
+    with pytest.raises(ConversionError, match="no square grid"):
+        convert(state, **options)
+    with pytest.raises(ConversionError, match="not the 5x5 of grid_size"):
+        convert(state, **options, grid_size=5)
+    model = convert(state, **options, image_size=NON_SQUARE)
+    assert model.config.grid_size == (4, 6)
+    assert_close(run(model, images_4x6), run(source, images_4x6))
+    larger = convert(state, **options, grid_size=(4, 6), image_size=(64, 96))
+    expected = resample_pos_embed(source.pos_embed.detach(), (4, 6), (8, 12), 1, "bicubic")
+    # The patch rows; big_vision's class token took its position row into itself (to_npz).
+    torch.testing.assert_close(larger.pos_embed.detach()[:, 1:], expected[:, 1:])
+
+
+def test_a_square_table_resamples_to_a_non_square_size() -> None:
+    source = ours()
+    model = from_timm(to_timm(source), num_heads=HEADS, image_size=(32, 64))
+    assert model.config.grid_size == (4, 8)
+    expected = resample_pos_embed(source.pos_embed.detach(), (4, 4), (4, 8), 1, "bicubic")
+    assert torch.equal(model.pos_embed.detach(), expected)
 
 
 def test_a_new_patch_size_keeps_tokens_of_resized_patches(images: torch.Tensor) -> None:

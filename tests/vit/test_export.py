@@ -56,6 +56,20 @@ def test_parity_check_catches_a_model_that_changed(
         check_onnx_parity(changed, onnx_path, example_input(model, 2))
 
 
+def test_parity_on_outputs_that_ignore_the_input_is_refused(
+    model: VisionTransformer, tmp_path: Path
+) -> None:
+    """With a zero-initialised head every logit is 0, so a graph of any encoder would match."""
+    zero_head = VisionTransformer(model.config).eval()
+    assert not zero_head.head.weight.any()
+    path = export_onnx(zero_head, tmp_path / "zero-head.onnx")
+    torch.manual_seed(1)
+    another_encoder = VisionTransformer(model.config).eval()
+    for eager in (zero_head, another_encoder):
+        with pytest.raises(ExportError, match="zero-initialised"):
+            check_onnx_parity(eager, path, example_input(model, 3))
+
+
 def test_exported_program_matches_eager_and_survives_save_and_load(
     model: VisionTransformer, tmp_path: Path
 ) -> None:
