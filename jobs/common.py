@@ -49,7 +49,10 @@ def _override(config: Any, path: list[str], text: str, item: str) -> Any:
         value = _override(current, rest, text, item)
     else:
         value = _parse(text, current, _field_type(config, name, current), item)
-    return dataclasses.replace(config, **{name: value})
+    try:
+        return dataclasses.replace(config, **{name: value})
+    except ValueError as error:  # the config's own checks (`__post_init__`)
+        raise SystemExit(f"--set {item}: {error}") from None
 
 
 def _field_type(config: Any, name: str, current: Any) -> Any:
@@ -68,8 +71,9 @@ def _parse(text: str, current: Any, hint: Any, item: str) -> Any:
 
     Strings stay strings where the field takes a string; an int is accepted for a float (as
     Python does), never a bool for an int, nor an integral float such as `1e3` for an int
-    (write 1000). A bare element of a `tuple[X, ...]` field becomes a 1-tuple. None is
-    accepted where the field is Optional or the config has it None.
+    (write 1000). A list becomes a tuple for a tuple field, and a bare element of a
+    `tuple[X, ...]` field a 1-tuple. None is accepted where the field is Optional or the config
+    has it None.
     """
     key = item.partition("=")[0]
     if hint is str:
@@ -77,16 +81,17 @@ def _parse(text: str, current: Any, hint: Any, item: str) -> Any:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if _conforms(text, hint):  # Literal["cosine", "linear"], `str | None`: a bare word
-            return text
-        raise SystemExit(
-            f"--set {item}: {key} expects {_type_name(hint)}, got {text!r} (not a Python literal)"
-        ) from None
-    if (value is None and current is None) or _conforms(value, hint):
-        return value
-    element = _tuple_element(hint)
-    if element is not None and _conforms(value, element):
-        return (value,)
+        value = text  # a bare word: Literal["cosine", "linear"], `str | None`, a dataset name
+    if value is None and current is None:
+        return None
+    candidates = [value]
+    if isinstance(value, list):  # [0.9, 0.95] for a tuple field
+        candidates.append(tuple(value))
+    if _tuple_element(hint) is not None:  # a bare element of a tuple[X, ...] field
+        candidates.append((value,))
+    for candidate in candidates:
+        if _conforms(candidate, hint):
+            return candidate
     raise SystemExit(
         f"--set {item}: {key} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})"
     )

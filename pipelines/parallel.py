@@ -2,9 +2,11 @@
 
 DDP keeps a whole copy of the model, its gradients and its Adam state on every worker, enough up
 to ViT-B on one GPU. FSDP (PyTorch's `fully_shard`, one unit per transformer block) keeps
-1/world of each and gathers a block's weights only while it runs, so ViT-L and ViT-H fit. The
-training loop calls the same five functions for both, and checkpoints hold full, unsharded
-state dicts keyed by parameter name: a run resumes at any worker count, under either strategy.
+1/world of the weights and of the Adam state, and gathers a block's weights only while it runs,
+so ViT-L and ViT-H fit; gradients are whole until the step's last micro-batch reduce-scatters
+them (see `gradient_sync`). The training loop calls the same few functions for both, and
+checkpoints hold full, unsharded state dicts keyed by parameter name: a run resumes at any worker
+count, under either strategy.
 
 Plain PyTorch on an initialised process group (Ray Train sets one up; tests use
 `torch.distributed` directly), so the same code runs on CPU with gloo and on GPUs with NCCL.
@@ -101,16 +103,36 @@ def load_optimizer_state(
 ) -> None:
     """Load a `full_state` optimizer state dict, each worker keeping its own shard under FSDP.
 
-    The tensors go to the parameters' device, whichever device they were saved from.
+    The tensors go to the parameters' device, whichever device they were saved from. A state
+    keyed by position, as `optimizer.state_dict()` writes it (checkpoints from before FSDP), is
+    read in the optimizer's own parameter order, which `parameter_groups` keeps.
     """
-    if any(not isinstance(key, str) for key in state.get("state", {})):
-        raise ValueError(
-            "the checkpoint's optimizer state is keyed by position, not by parameter name, as "
-            "vitray wrote it before FSDP; start a new run_name"
-        )
+    groups = state.get("param_groups", [])
+    if any(isinstance(index, int) for group in groups for index in group["params"]):
+        state = _keyed_by_name(model, optimizer, state)
     set_optimizer_state_dict(
         model, optimizer, state, options=StateDictOptions(full_state_dict=True)
     )
+
+
+def _keyed_by_name(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, Any]:
+    names = {id(param): name for name, param in unwrap(model).named_parameters()}
+    ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    saved = sum(len(group["params"]) for group in state["param_groups"])
+    if saved != len(ordered):
+        raise ValueError(
+            f"the checkpoint's optimizer state covers {saved} parameters, the model has "
+            f"{len(ordered)}"
+        )
+    return {
+        "state": {ordered[index]: value for index, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [ordered[index] for index in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
 
 
 def replica_divergence(model: nn.Module) -> float | None:

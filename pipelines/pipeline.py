@@ -109,22 +109,26 @@ def prepared_location(data_dir: str, source: str) -> str:
     """
     if source in CATALOG:
         name = source
-    else:
-        digest = hashlib.sha256(source.encode()).hexdigest()[:8]
-        name = f"{PurePosixPath(source.rstrip('/')).name or 'source'}-{digest}"
+    else:  # one folder per location, however it is spelled (relative, trailing slash)
+        where = source.rstrip("/") if "://" in source else str(Path(source).resolve())
+        digest = hashlib.sha256(where.encode()).hexdigest()[:8]
+        name = f"{PurePosixPath(where).name or 'source'}-{digest}"
     if "://" in data_dir:
         return f"{data_dir.rstrip('/')}/{name}"
     return str(Path(data_dir).resolve() / name)
 
 
 def keyed_pretrain(config: PretrainConfig, data_checksum: str) -> tuple[str, PretrainConfig]:
-    """The hash of the config and of the data it reads, and the config with its Ray Train run
-    named after that hash.
+    """The hash of what the config learns and of the data it reads, and the config with its Ray
+    Train run named after that hash.
 
     Ray Train resumes a run of the same name from its checkpoints: right after a crash, wrong
-    after a change of config or data (the old run's weights and step would come back).
+    after a change of what it learns or of the data (the old run's weights and step would come
+    back). Where and how wide it runs (`pretrain.RESUMABLE_SETTINGS`: workers, DDP or FSDP, ...)
+    is left out, so changing those resumes or reuses the run.
     """
-    key = tracking.config_hash({"config": tracking.config_hash(config), "data": data_checksum})
+    learns = pretrain.learning_settings(config)
+    key = tracking.config_hash({"config": tracking.config_hash(learns), "data": data_checksum})
     return key, dataclasses.replace(config, run_name=f"{config.run_name}-{key[:8]}")
 
 

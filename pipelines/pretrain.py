@@ -303,12 +303,15 @@ def _find_or_start_run(
     if latest is not None:
         metadata = f"{root}/{config.run_name}/{latest['checkpoint_dir_name']}/model/vit.json"
         with fs.open_input_stream(metadata) as stream:
-            run_id = json.loads(stream.read())["provenance"].get("mlflow_run_id")
+            provenance = json.loads(stream.read())["provenance"]
+        # Checked against the checkpoint's own record, which holds whether or not its MLflow
+        # run was deleted or logged to another server.
+        _refuse_another_recipe(config, provenance.get("settings", {}))
+        run_id = provenance.get("mlflow_run_id")
         run = None
         with contextlib.suppress(MlflowException):  # logged to another tracking server
             run = mlflow.get_run(run_id) if run_id else None
         if run is not None and run.info.lifecycle_stage == "active":  # not deleted in the UI
-            _refuse_another_recipe(config, run.data.params)
             mlflow.update_run(run_id, status="RUNNING")  # it ended FAILED or KILLED
             return run_id
     run_id = tracking.start_run(
@@ -327,8 +330,18 @@ def _find_or_start_run(
     return run_id
 
 
-def _refuse_another_recipe(config: PretrainConfig, logged: dict[str, str]) -> None:
-    """Raise if resuming would train with other settings than the run's checkpoint holds.
+def learning_settings(config: PretrainConfig) -> dict[str, str]:
+    """The flattened settings that decide what a run learns: all but `RESUMABLE_SETTINGS`."""
+    return {
+        key: value
+        for key, value in tracking.flatten(config).items()
+        if key not in RESUMABLE_SETTINGS and key.split(".")[0] not in RESUMABLE_SETTINGS
+    }
+
+
+def _refuse_another_recipe(config: PretrainConfig, trained_with: dict[str, str]) -> None:
+    """Raise if resuming would train with other settings than the checkpoint's, `trained_with`
+    (`tracking.flatten` of its config, as its provenance records and MLflow logs them).
 
     The checkpoint restores the model, the optimizer's learning rate, weight decay and betas,
     and the schedule's position, so a changed learning rate would be silently ignored and the
@@ -336,11 +349,9 @@ def _refuse_another_recipe(config: PretrainConfig, logged: dict[str, str]) -> No
     """
     changed = sorted(
         key
-        for key, value in tracking.flatten(config).items()
-        if key not in RESUMABLE_SETTINGS
-        and key.split(".")[0] not in RESUMABLE_SETTINGS
-        and key in logged
-        and _as_value(logged[key]) != _as_value(value[:6000])  # MLflow keeps 6,000 characters
+        for key, value in learning_settings(config).items()
+        if key in trained_with
+        and _as_value(trained_with[key]) != _as_value(value[:6000])  # as MLflow keeps params
     )
     if changed:
         raise ValueError(
@@ -575,6 +586,7 @@ def _report_with_checkpoint(
             "dataset": loop_config["config"].dataset,
             "step": state["step"],
             "stage": "pretrain",
+            "settings": tracking.flatten(loop_config["config"]),  # what a resume must keep
         }
         vit_checkpoint.save_weights(
             unwrap(model).config,

@@ -40,7 +40,7 @@ def test_dotted_keys_reach_nested_fields_and_values_are_literals() -> None:
     [
         ("pretrain.no_such_field=1", "no field 'no_such_field'"),
         ("pretrain.steps.deeper=1", "int has no field 'deeper'"),
-        ("pretrain.steps=ten", "not a Python literal"),
+        ("pretrain.steps=ten", "pretrain.steps expects int, got 'ten'"),
         ("pretrain.model.grid_size=(2,2)", "no field 'grid_size'"),  # a property, not a field
     ],
 )
@@ -83,6 +83,8 @@ def test_serve_job_makes_paths_absolute_and_keeps_registry_uris(
     ("override", "field", "expected"),
     [
         ('finetune.datasets=("digits")', "datasets", ("digits",)),  # a bare str: a 1-tuple
+        ("finetune.datasets=digits", "datasets", ("digits",)),  # a bare word too
+        ("finetune.datasets=['digits', 'tuxpaint']", "datasets", ("digits", "tuxpaint")),
         ("finetune.learning_rates=0.01", "learning_rates", (0.01,)),
         ("finetune.learning_rates=(1, 0.5)", "learning_rates", (1, 0.5)),  # int where float
         ("finetune.image_size=None", "image_size", None),  # Optional
@@ -99,10 +101,15 @@ def test_override_values_that_fit_the_field_type(
 
 
 def test_literal_and_union_fields_take_their_members() -> None:
-    config = load_config(
-        PIPELINE, smoke=True, overrides=["pretrain.decay=linear", "pretrain.num_workers=(1, 2)"]
-    )
+    overrides = [
+        "pretrain.decay=linear",
+        "pretrain.num_workers=(1, 2)",
+        "pretrain.betas=[0.9, 0.95]",  # a list for a fixed tuple
+        "pretrain.model.image_size=42",  # an int is a square
+    ]
+    config = load_config(PIPELINE, smoke=True, overrides=overrides)
     assert config.pretrain.decay == "linear" and config.pretrain.num_workers == (1, 2)
+    assert config.pretrain.betas == (0.9, 0.95) and config.pretrain.model.image_size == (42, 42)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +123,8 @@ def test_literal_and_union_fields_take_their_members() -> None:
         ("pretrain.decay=step", "pretrain.decay expects Literal['cosine', 'linear'], got 'step'"),
         ("pretrain.betas=(0.9,)", "pretrain.betas expects tuple[float, float], got (0.9,)"),
         ("fewshot_shots=(1, 'a')", "fewshot_shots expects tuple[int, ...], got (1, 'a') (tuple)"),
-        ("finetune.datasets=digits", "got 'digits' (not a Python literal)"),
+        ("pretrain.steps=abc", "pretrain.steps expects int, got 'abc' (str)"),
+        ("pretrain.model.image_size=32", "image size (32, 32) is not divisible by patch size 7"),
         ("pretrain.model=1", "pretrain.model expects ViTConfig, got 1"),
     ],
 )

@@ -236,6 +236,11 @@ def test_a_changed_pretraining_config_or_data_starts_a_new_ray_train_run() -> No
     ):
         assert other_key != key
         assert other.run_name != named.run_name
+    wider = dataclasses.replace(demo, num_workers=(1, 4), strategy="fsdp")  # how, not what
+    assert keyed_pretrain(wider, "data-1") == (
+        key,
+        dataclasses.replace(wider, run_name=named.run_name),
+    )
 
 
 def test_a_source_is_prepared_in_a_folder_of_its_own_never_in_itself(tmp_path: Path) -> None:
@@ -244,6 +249,8 @@ def test_a_source_is_prepared_in_a_folder_of_its_own_never_in_itself(tmp_path: P
     prepared = Path(prepared_location(str(data), str(flowers)))
     assert prepared.parent == data and prepared.name.startswith("flowers-")
     assert prepared_location(str(data), str(tmp_path / "flowers")) != str(prepared)
+    spelled = f"{tmp_path}/photos/../photos/flowers/"
+    assert prepared_location(str(data), spelled) == str(prepared)  # one location, one folder
     assert prepared_location("runs/data", "digits") == str(Path("runs/data").resolve() / "digits")
     on_s3 = prepared_location("s3://bucket/prepared/", "s3://bucket/images/flowers/")
     assert on_s3.startswith("s3://bucket/prepared/flowers-")

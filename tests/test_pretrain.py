@@ -162,6 +162,11 @@ def test_ddp_on_two_nodes_keeps_replicas_identical_and_learns(
     assert Path(result.checkpoint_path, "model", "model.safetensors").is_file()
     (curves,) = tracking.client().list_artifacts(result.run_id, "figures")
     assert curves.path == "figures/curves.png" and curves.file_size > 1000
+    # A resume that would learn otherwise is refused on the checkpoint's own record of its
+    # settings, even with the run gone from MLflow.
+    tracking.client().delete_run(result.run_id)
+    with pytest.raises(ValueError, match="other learning_rate; resume"):
+        pretrain.run(dataclasses.replace(config, learning_rate=3e-3))
 
 
 def test_step_layout_splits_the_batch_evenly_at_any_worker_count() -> None:

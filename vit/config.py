@@ -55,7 +55,7 @@ class Preprocessing:
 class ViTConfig:
     """Architecture of a Vision Transformer (pre-norm, as in the paper)."""
 
-    image_size: tuple[int, int] = (224, 224)
+    image_size: int | tuple[int, int] = (224, 224)  # an int is a square; kept as (H, W)
     patch_size: int = 16
     in_channels: int = 3
     num_classes: int = 1000
