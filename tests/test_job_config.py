@@ -63,11 +63,21 @@ def test_serve_job_refuses_options_that_would_fail_later(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert message in usage_error(serve_job, argv, capsys, monkeypatch)
+
+
+def usage_error(
+    job: ModuleType,
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> str:
+    """What `job` printed when it refused `argv` with argparse's usage exit (2), no cluster."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        serve_job.main(argv)
+        job.main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    return capsys.readouterr().err
 
 
 def test_serve_job_makes_paths_absolute_and_keeps_registry_uris(
@@ -148,11 +158,7 @@ def test_config_jobs_report_usage_errors(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        job.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(job, argv, capsys, monkeypatch)
 
 
 def test_a_default_config_set_by_the_job_still_applies() -> None:
