@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python -m jobs.analyze --checkpoint DIR --dataset NAME
 
 Writes the four figures of the paper's Fig. 6 and Fig. 7 as PNGs under ``--out`` and logs them to
-one MLflow run (``vitray_stage=analyze``), linked to the run that produced the checkpoint.
+one MLflow run (``vitray_stage=analyze``), linked to the run that produced the checkpoint. Under
+``ray job submit`` the driver runs in a temporary copy of the working directory on the head node,
+so a relative ``--out`` is gone with it: the MLflow run keeps the figures, or give an absolute path.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from jobs.common import connect
 from pipelines.analyze import run_analysis
@@ -22,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="vit checkpoint directory")
     parser.add_argument("--dataset", required=True, help="catalog name, folder or shard URI")
     parser.add_argument("--images", type=int, default=8, help="test images to inspect")
-    parser.add_argument("--out", default="runs/analysis", help="folder for the PNG files")
+    parser.add_argument(
+        "--out", default="runs/analysis", help="folder for the PNG files, on the driver's machine"
+    )
     parser.add_argument("--experiment", default="vitray", help="MLflow experiment")
     parser.add_argument(
         "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
@@ -30,17 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be positive")
+    out = Path(args.out).resolve()  # the closing line names where the files really are
     connect(args.address)
     result = run_analysis(
         args.checkpoint,
         args.dataset,
         images=args.images,
-        output_dir=args.out,
+        output_dir=out,
         experiment=args.experiment,
     )
     distances = ", ".join(f"{d:.1f}" for d in result["mean_attention_distance"])
     print(f"[analyze] mean attention distance per layer (pixels): {distances}")
-    print(f"[analyze] figures in {args.out}/ and in MLflow run {result['run_id']}:")
+    print(f"[analyze] figures in {out}/ and in MLflow run {result['run_id']}:")
     for path in result["figures"]:
         print(f"  {path}")
     return 0
