@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,23 @@ DEFAULT_EXPERIMENT = "vitray"
 
 
 def tracking_uri() -> str:
-    """The configured tracking URI, else a SQLite database under ./runs (absolute, for workers)."""
+    """The configured tracking URI, else a SQLite database under ./runs (absolute, for workers).
+
+    The default serves one machine. In a process joined to a Ray cluster of several nodes it
+    would be a file beside this driver, which the workers on the other nodes cannot reach (they
+    would each log to a database of their own) and which `ray job submit` deletes with the job's
+    working directory: refused there, naming the fix.
+    """
     configured = os.environ.get("MLFLOW_TRACKING_URI")
     if configured:
         return configured
+    ray = sys.modules.get("ray")  # not imported: no cluster joined, and no import cost
+    if ray is not None and ray.is_initialized() and sum(n["Alive"] for n in ray.nodes()) > 1:
+        raise RuntimeError(
+            "MLFLOW_TRACKING_URI is not set on a Ray cluster of several nodes: set it to a "
+            "tracking server every node reaches (cluster.yaml runs one on the head node, port "
+            "5000; see docs/cluster.md), or to a sqlite:/// path if one machine's file is meant"
+        )
     RUNS_DIR.mkdir(exist_ok=True)
     return f"sqlite:///{(RUNS_DIR / 'mlflow.db').resolve()}"
 

@@ -272,6 +272,14 @@ def test_a_setting_ray_refuses_ends_the_run_failed(cluster: Cluster, tmp_path: P
     assert run.info.status == "FAILED"  # not RUNNING for ever
 
 
+def test_the_default_local_tracking_store_is_refused_on_a_cluster_of_several_nodes(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI is not set on a Ray cluster"):
+        tracking.tracking_uri()
+
+
 def test_counts_and_periods_below_one_are_refused_up_front(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="eval_every, log_every must be at least 1"):
         tiny_config(tmp_path, "never", eval_every=0, log_every=0)
