@@ -6,10 +6,12 @@
     python -m jobs.tune --config configs/finetune_demo.py --set checkpoint=runs/imported/b16
 
 Writes a vit checkpoint directory (`vit.checkpoint`) whose provenance names the source file, its
-SHA-256 and the import arguments. PyTorch files are read with `torch.load(weights_only=True)`,
-which refuses pickled code; `.safetensors` and `.npz` files hold only arrays. For Hugging Face,
-PATH may be a model directory: its config.json supplies the head count, the LayerNorm eps and the
-patch grid, and its weights are model.safetensors or else pytorch_model.bin (read as above).
+SHA-256, the import arguments and how a position table is resampled (`F.interpolate`'s mode,
+align_corners and antialias: timm's loaders antialias, ours do not). PyTorch files are read with
+`torch.load(weights_only=True)`, which refuses pickled code; `.safetensors` and `.npz` files hold
+only arrays. For Hugging Face, PATH may be a model directory: its config.json supplies the head
+count, the LayerNorm eps and the patch grid, and its weights are model.safetensors or else
+pytorch_model.bin (read as above).
 timm files do not record the model's `global_pool` or `no_embed_class`: give them when the timm
 model was not built with the defaults (--global-pool, --no-embed-class). A non-square model needs
 the size it was trained at (--image-size H W) or its patch grid (--grid-size ROWS COLS).
@@ -25,6 +27,7 @@ import hashlib
 import json
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +38,55 @@ from pipelines import tracking
 from vit import VisionTransformer, checkpoint
 from vit.config import Preprocessing
 from vit.convert import from_hf, from_npz, from_timm, from_torchvision
+from vit.posemb import resampling
 
 CONVERTERS = {"timm": from_timm, "torchvision": from_torchvision, "hf": from_hf, "npz": from_npz}
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# What torch.save's pre-1.6 format opens with: its magic number, pickled (protocol 2).
+LEGACY_TORCH_HEADER = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+
+
+def is_torch_file(path: Path) -> bool:
+    """Whether the file has one of torch.save's containers: a zip archive or the legacy header.
+
+    torch.load reports a file it cannot parse at all (a web page saved in place of the weights,
+    a safetensors file named .pth) as a weights-only refusal too, so the container tells a file
+    that holds pickled code from one that holds no torch data.
+    """
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as file:
+        return file.read(len(LEGACY_TORCH_HEADER)) == LEGACY_TORCH_HEADER
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (torch appends paragraphs of advice), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file, or a torch file holding a state dict (possibly under "state_dict"
-    or "model", as training checkpoints keep it), without unpickling anything but tensors."""
+    or "model", as training checkpoints keep it), without unpickling anything but tensors.
+
+    A torch file that holds more (pickled code) is refused; one that torch cannot read (cut off,
+    not a torch file) is reported as such, as the remedy differs: trust the file, or fetch it
+    again. The file is opened here, so a missing or unreadable path keeps its own error.
+    """
     if path.suffix == ".safetensors":
         return load_file(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise SystemExit(
-            f"{path} holds more than tensors; refusing to unpickle it: {error}"
-        ) from None
+    unreadable = f"{path} is not a readable PyTorch file (corrupt, truncated or another format)"
+    with path.open("rb") as file:
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if not is_torch_file(path):
+                raise SystemExit(f"{unreadable}: neither of torch.save's formats") from None
+            raise SystemExit(
+                f"{path} holds more than tensors; refusing to unpickle it: {error}"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as error:
+            raise SystemExit(f"{unreadable}: {first_line(error)}") from None
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -214,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "import_arguments": {
             k: v for k, v in vars(args).items() if v is not None and k not in ("path", "out")
         },
-        "pos_embed_interpolation": model.config.pos_embed_interpolation,
+        "pos_embed_resampling": resampling(model.config.pos_embed_interpolation),
     }
     if not args.register:
         _save(model, weights, args, provenance)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm.models.vision_transformer as timm_vit
 import torch
+import torch.nn.functional as F
 import transformers
 
 from jobs import export as export_job
@@ -49,6 +50,25 @@ def test_import_keeps_outputs_and_records_provenance(
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference(x), atol=1e-5, rtol=1e-5)
     assert not (tmp_path / "runs").exists()  # nothing tracked without --register
+
+
+def test_provenance_says_how_to_redo_the_position_resampling(
+    timm_file: tuple[timm_vit.VisionTransformer, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The config's mode alone is not enough: timm's loaders resample bicubic *with* antialias."""
+    monkeypatch.chdir(tmp_path)
+    reference, path = timm_file
+    out = tmp_path / "ckpt"
+    argv = ["--from", "timm", str(path), "--out", str(out), "--num-heads", "2"]
+    assert import_weights.main([*argv, "--image-size", "48"]) == 0
+    model, meta = checkpoint.load(out)
+    how = meta.provenance["pos_embed_resampling"]
+    assert how == {"mode": "bicubic", "align_corners": False, "antialias": False}
+    grid = reference.pos_embed.detach()[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    redone = F.interpolate(grid, size=(6, 6), **how).permute(0, 2, 3, 1).reshape(1, 36, -1)
+    torch.testing.assert_close(model.pos_embed.detach()[:, 1:], redone, rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -153,11 +173,35 @@ def test_a_hf_directory_with_pytorch_model_bin(tmp_path: Path) -> None:
         import_weights.main(["--from", "hf", str(source), "--out", str(out)])
 
 
-def test_pickled_code_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickled_code_is_refused(zip_format: bool, tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {}, "hook": Path("x")}, path)
-    with pytest.raises(SystemExit, match="refusing to unpickle"):
+    torch.save(
+        {"state_dict": {}, "hook": Path("x")}, path, _use_new_zipfile_serialization=zip_format
+    )
+    with pytest.raises(SystemExit, match="refusing to unpickle") as error:
         import_weights.main(["--from", "timm", str(path), "--out", str(tmp_path / "out")])
+    assert "not a readable PyTorch file" not in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "html", "empty"])
+def test_a_corrupt_or_foreign_file_is_not_called_pickled_code(
+    damage: str, timm_file: tuple[timm_vit.VisionTransformer, Path], tmp_path: Path
+) -> None:
+    """A cut-off download, the web page saved in its place, an empty file: none holds code."""
+    _, good = timm_file
+    data = good.read_bytes()
+    path = tmp_path / "bad.pth"
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "html": b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
+            "empty": b"",
+        }[damage]
+    )
+    with pytest.raises(SystemExit, match="not a readable PyTorch file") as error:
+        import_weights.main(["--from", "timm", str(path), "--out", str(tmp_path / "out")])
+    assert "unpickle" not in str(error.value)
 
 
 def test_a_failed_import_ends_its_run_failed(

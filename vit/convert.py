@@ -797,7 +797,17 @@ def to_timm(model: VisionTransformer) -> Tensors:
 
 
 def to_torchvision(model: VisionTransformer) -> Tensors:
-    """A state dict for `torchvision.models.VisionTransformer` (class-token pooling only)."""
+    """A state dict for `torchvision.models.VisionTransformer` (class-token pooling only).
+
+    torchvision's ViT always ends in a classifier (`heads.head`, empty logits with num_classes=0),
+    so a model without a head has no torchvision counterpart: it raises here, rather than as a
+    missing key in torchvision's strict load.
+    """
+    if not model.config.num_classes:
+        raise ConversionError(
+            "torchvision's VisionTransformer always has a classifier (heads.head), and this model "
+            "has none: give it one first (reset_classifier)"
+        )
     return _write(_torchvision_layout(), _ours(model), model.config.depth)
 
 
@@ -806,7 +816,10 @@ def to_hf(model: VisionTransformer, *, hub_names: bool = True) -> Tensors:
 
     `hub_names=True` gives the names of Hub files, which `from_pretrained` reads in every
     transformers version; `hub_names=False` the transformers 5 module names, for
-    `load_state_dict`. The transformers config must set `layer_norm_eps` to the model's.
+    `load_state_dict`. The transformers config must set `layer_norm_eps` to the model's. Our
+    pre-logits layer is `ViTModel`'s pooler; a model with neither head nor pre-logits layer has no
+    pooler, so build the `ViTModel` with `add_pooling_layer=False` (otherwise a strict load misses
+    `pooler.dense`, and `from_pretrained` initialises it at random).
     """
     config = model.config
     if config.num_classes and config.representation_size is not None:

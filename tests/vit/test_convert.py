@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision.models.vision_transformer as tv_vit
 import transformers
 from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from vit import VisionTransformer, ViTConfig
@@ -32,7 +33,6 @@ from vit.convert import (
     to_timm,
     to_torchvision,
 )
-from vit.posemb import resample_pos_embed
 
 WIDTH, DEPTH, HEADS, MLP, IMAGE, PATCH, CLASSES = 32, 2, 2, 64, 32, 8, 5
 
@@ -100,6 +100,18 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def timm_resampled(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """timm's resampling of a table with a class-token row, as `vit.posemb` documents ours to be.
+
+    timm's own loaders antialias (another bicubic kernel, other values): ours does not.
+    """
+    return resample_abs_pos_embed(
+        pos_embed.detach(), list(new_grid), list(old_grid), num_prefix_tokens=1, antialias=False
+    )
 
 
 # --------------------------------------------------------------------------------------- timm
@@ -176,8 +188,8 @@ def test_the_head_count_of_a_paper_variant_is_inferred() -> None:
 
 
 # -------------------------------------------------------------------------------- torchvision
-def tv_model() -> tv_vit.VisionTransformer:
-    return tv_vit.VisionTransformer(
+def tv_model(**overrides: object) -> tv_vit.VisionTransformer:
+    fields = dict(
         image_size=IMAGE,
         patch_size=PATCH,
         num_layers=DEPTH,
@@ -187,6 +199,8 @@ def tv_model() -> tv_vit.VisionTransformer:
         num_classes=CLASSES,
         representation_size=16,
     )
+    fields.update(overrides)
+    return tv_vit.VisionTransformer(**fields)  # type: ignore[arg-type]
 
 
 def test_torchvision_round_trip_with_pre_logits(images: torch.Tensor) -> None:
@@ -231,6 +245,20 @@ def test_torchvision_cannot_hold_a_gap_model() -> None:
         to_torchvision(ours(pooling="gap"))
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("representation_size", [None, 16])
+def test_torchvision_has_no_model_without_a_classifier(
+    representation_size: int | None, images: torch.Tensor
+) -> None:
+    """torchvision's ViT always ends in `heads.head`, so its strict load refuses a state dict
+    without one; built with num_classes=0 it outputs empty logits, not our features."""
+    headless = tv_model(num_classes=0, representation_size=representation_size)
+    assert "heads.head.weight" in headless.state_dict()
+    assert run(headless, images).shape == (3, 0)
+    with pytest.raises(ConversionError, match=r"heads\.head.*reset_classifier"):
+        to_torchvision(ours(num_classes=0, representation_size=representation_size))
+
+
 # ---------------------------------------------------------------------------- Hugging Face
 def test_hf_classifier_round_trip_in_memory_and_through_files(
     images: torch.Tensor, tmp_path: Path
@@ -265,6 +293,18 @@ def test_hf_pooler_becomes_the_pre_logits_layer(images: torch.Tensor) -> None:
     back.load_state_dict(to_hf(model, hub_names=False), strict=True)
     with torch.no_grad():
         assert_close(back(images).pooler_output, expected.pooler_output)
+
+
+def test_hf_model_without_head_or_pre_logits_has_no_pooler(images: torch.Tensor) -> None:
+    """As `to_hf` says: such a `ViTModel` state dict loads with `add_pooling_layer=False` only."""
+    model = ours(num_classes=0, representation_size=None)
+    state = to_hf(model, hub_names=False)
+    with pytest.raises(RuntimeError, match="pooler"):
+        transformers.ViTModel(hf_config()).load_state_dict(state, strict=True)
+    back = transformers.ViTModel(hf_config(layer_norm_eps=1e-6), add_pooling_layer=False)
+    back.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert_close(back(images).last_hidden_state[:, 0], model(images))
 
 
 def test_hf_has_no_class_for_pre_logits_and_a_head() -> None:
@@ -339,8 +379,7 @@ def test_a_new_image_size_resamples_the_position_embedding() -> None:
     source = ours()
     model = from_timm(to_timm(source), num_heads=HEADS, image_size=64)
     assert model.config.image_size == (64, 64)
-    expected = resample_pos_embed(source.pos_embed.detach(), (4, 4), (8, 8), 1, "bicubic")
-    assert torch.equal(model.pos_embed.detach(), expected)
+    assert_close(model.pos_embed.detach(), timm_resampled(source.pos_embed, (4, 4), (8, 8)))
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, CLASSES)
 
 
@@ -392,7 +431,7 @@ def test_non_square_models_round_trip_through_every_layout(
     assert model.config.grid_size == (4, 6)
     assert_close(run(model, images_4x6), run(source, images_4x6))
     larger = convert(state, **options, grid_size=(4, 6), image_size=(64, 96))
-    expected = resample_pos_embed(source.pos_embed.detach(), (4, 6), (8, 12), 1, "bicubic")
+    expected = timm_resampled(source.pos_embed, (4, 6), (8, 12))
     # The patch rows; big_vision's class token took its position row into itself (to_npz).
     torch.testing.assert_close(larger.pos_embed.detach()[:, 1:], expected[:, 1:])
 
@@ -401,8 +440,7 @@ def test_a_square_table_resamples_to_a_non_square_size() -> None:
     source = ours()
     model = from_timm(to_timm(source), num_heads=HEADS, image_size=(32, 64))
     assert model.config.grid_size == (4, 8)
-    expected = resample_pos_embed(source.pos_embed.detach(), (4, 4), (4, 8), 1, "bicubic")
-    assert torch.equal(model.pos_embed.detach(), expected)
+    assert_close(model.pos_embed.detach(), timm_resampled(source.pos_embed, (4, 4), (4, 8)))
 
 
 def test_a_new_patch_size_keeps_tokens_of_resized_patches(images: torch.Tensor) -> None:

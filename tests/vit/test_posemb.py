@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import resample_abs_pos_embed
 
 from vit.posemb import resample_pos_embed, sincos_2d
 
@@ -29,6 +30,33 @@ def test_upsample_then_downsample_returns_close_to_the_original(
     torch.testing.assert_close(back[:, 0], original[:, 0], rtol=0, atol=0)
     relative_error = (back - original).abs().max() / original.abs().max()
     assert relative_error < tolerance, relative_error
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [((14, 14), (24, 24)), ((14, 14), (7, 7)), ((14, 14), (10, 10)), ((4, 6), (8, 5))],
+)
+def test_resampling_is_timms_without_antialiasing(
+    mode: str, old: tuple[int, int], new: tuple[int, int]
+) -> None:
+    """Ours equals timm's `resample_abs_pos_embed(..., antialias=False)`, growing and shrinking.
+
+    timm's default, antialias=True (also what its loaders use), gives other values wherever it
+    differs (bicubic always, its kernel being another; bilinear when shrinking): the check would
+    notice if ours drifted to it.
+    """
+    original = smooth_embedding(old)
+    resized = resample_pos_embed(original, old, new, 1, mode)
+    timm = {
+        antialias: resample_abs_pos_embed(
+            original, list(new), list(old), 1, interpolation=mode, antialias=antialias
+        )
+        for antialias in (False, True)
+    }
+    torch.testing.assert_close(resized, timm[False], rtol=0, atol=0)
+    if mode == "bicubic" or new[0] < old[0] or new[1] < old[1]:
+        assert (resized - timm[True]).abs().max() > 1e-3
 
 
 def test_same_grid_is_the_identity_and_constant_stays_constant() -> None:
