@@ -43,12 +43,22 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _worker(
-    rank: int, port: int, strategy: str, steps: range, resume: Path | None, results: Any
+    rank: int,
+    world: int,
+    port: int,
+    strategy: str,
+    steps: range,
+    resume: Path | None,
+    results: Any,
 ) -> None:
-    """Train `steps` (indices into a fixed stream of batches) and hand rank 0's full state back."""
+    """Train `steps` (indices into a fixed stream of batches) and hand rank 0's full state back.
+
+    A step's batch is WORLD x ACCUMULATION micro-batches whatever the number of workers: each
+    of `world` workers takes its share, so any `world` makes the same update.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A rank stuck in a collective fails the test in a minute, not in gloo's half hour.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.manual_seed(0)
     model = VisionTransformer(CONFIG)
     if resume:  # each worker reads the checkpoint file itself, as in pretraining
@@ -61,17 +71,18 @@ def _worker(
     local = sum(
         p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()
     )
-    held = [0] * WORLD  # parameters each worker holds
+    held = [0] * world  # parameters each worker holds
     dist.all_gather_object(held, local)
+    mine = [(r, i) for r in range(rank, WORLD, world) for i in range(ACCUMULATION)]
     for step in steps:
-        for index in range(ACCUMULATION):
-            batch = torch.Generator().manual_seed(1000 * step + 10 * index + rank)
+        for count, (data_rank, index) in enumerate(mine, start=1):
+            batch = torch.Generator().manual_seed(1000 * step + 10 * index + data_rank)
             shape = (4, CONFIG.num_patches, CONFIG.patch_dim)
             tokens = torch.randint(0, 256, shape, generator=batch, dtype=torch.uint8)
             labels = torch.randint(0, CONFIG.num_classes, (4,), generator=batch)
-            with parallel.gradient_sync(model, index == ACCUMULATION - 1):
+            with parallel.gradient_sync(model, count == len(mine)):
                 loss = torch.nn.functional.cross_entropy(model(tokens), labels)
-                (loss / ACCUMULATION).backward()
+                (loss / len(mine)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # binds: the norms are 2-3
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -90,10 +101,11 @@ def _worker(
     dist.destroy_process_group()
 
 
-def train(strategy: str, steps: range, resume: Path | None = None) -> dict:
+def train(strategy: str, steps: range, resume: Path | None = None, world: int = WORLD) -> dict:
     with mp.get_context("spawn").Manager() as manager:
         results = manager.Queue()
-        mp.spawn(_worker, args=(_free_port(), strategy, steps, resume, results), nprocs=WORLD)
+        args = (world, _free_port(), strategy, steps, resume, results)
+        mp.spawn(_worker, args=args, nprocs=world)
         return results.get(timeout=10)
 
 
@@ -129,6 +141,15 @@ def test_a_full_state_checkpoint_resumes_under_either_strategy(
     checkpoint = tmp_path / "train_state.pt"
     torch.save(train(first, range(2)), checkpoint)
     resumed = train(then, range(2, 3), resume=checkpoint)
+    assert_same_weights(resumed["model"], ddp_run["model"])
+
+
+def test_an_fsdp_checkpoint_resumes_on_fewer_workers(ddp_run: dict, tmp_path: Path) -> None:
+    """As an elastic run does after losing a node: the one worker left takes the whole batch."""
+    checkpoint = tmp_path / "train_state.pt"
+    torch.save(train("fsdp", range(2)), checkpoint)
+    resumed = train("fsdp", range(2, 3), resume=checkpoint, world=1)
+    assert resumed["held"] == [sum(t.numel() for t in ddp_run["model"].values())]
     assert_same_weights(resumed["model"], ddp_run["model"])
 
 
