@@ -99,7 +99,7 @@ def _parse(text: str, current: Any, hint: Any, item: str) -> Any:
 
 def _conforms(value: Any, hint: Any) -> bool:
     """Whether ``value`` has type ``hint``: plain classes, Optional and unions, Literal, tuples
-    (fixed or ``...``), dicts, lists. Unknown generics are checked by their container alone."""
+    (fixed or ``...``), dicts. Other generics are checked by their container alone."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return True
@@ -129,8 +129,6 @@ def _conforms(value: Any, hint: Any) -> bool:
             not args
             or all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
         )
-    if origin is list:
-        return isinstance(value, list) and (not args or all(_conforms(v, args[0]) for v in value))
     if origin is not None:
         return isinstance(value, origin)
     return isinstance(value, hint) if isinstance(hint, type) else True

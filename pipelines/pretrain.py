@@ -83,7 +83,7 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     num_workers: int | tuple[int, int] = 1  # a (min, max) range makes the run elastic
-    strategy: Strategy = "ddp"  # "fsdp" shards weights, gradients and Adam state: ViT-L/H
+    strategy: Strategy = "ddp"  # "fsdp" shards the weights and Adam state: ViT-L/H
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     extra_resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -341,7 +341,7 @@ def learning_settings(config: PretrainConfig) -> dict[str, str]:
 
 def _refuse_another_recipe(config: PretrainConfig, trained_with: dict[str, str]) -> None:
     """Raise if resuming would train with other settings than the checkpoint's, `trained_with`
-    (`tracking.flatten` of its config, as its provenance records and MLflow logs them).
+    (`tracking.flatten` of its config, whole, as its provenance records it).
 
     The checkpoint restores the model, the optimizer's learning rate, weight decay and betas,
     and the schedule's position, so a changed learning rate would be silently ignored and the
@@ -350,8 +350,7 @@ def _refuse_another_recipe(config: PretrainConfig, trained_with: dict[str, str])
     changed = sorted(
         key
         for key, value in learning_settings(config).items()
-        if key in trained_with
-        and _as_value(trained_with[key]) != _as_value(value[:6000])  # as MLflow keeps params
+        if key in trained_with and _as_value(trained_with[key]) != _as_value(value)
     )
     if changed:
         raise ValueError(
