@@ -79,12 +79,16 @@ def save_weights(
         raise CheckpointError(
             f"{len(class_names)} class names for a model with {config.num_classes} classes"
         )
+    if class_names is not None and not all(isinstance(n, str) for n in class_names):
+        raise CheckpointError("class names must be strings: `load` refuses any others")
     meta = CheckpointMetadata(config, tuple(class_names) if class_names else None, provenance or {})
+    # Serialised first: metadata that cannot be written (a provenance value JSON does not know)
+    # must fail the save before new weights replace the old ones beside the old metadata.
+    text = json.dumps(meta.to_json(), indent=2, sort_keys=True)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    text = json.dumps(meta.to_json(), indent=2, sort_keys=True)
     _atomic_write(directory / METADATA_FILE, lambda tmp: Path(tmp).write_text(text))
     return directory
 

@@ -78,6 +78,21 @@ class ViTConfig:
         if isinstance(size, int):
             size = (size, size)
         object.__setattr__(self, "image_size", tuple(int(s) for s in size))
+        sizes = dict(
+            image_size=min(self.image_size),
+            patch_size=self.patch_size,
+            in_channels=self.in_channels,
+            width=self.width,
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+        )
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("dropout", "attention_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         h, w = self.image_size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(

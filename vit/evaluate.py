@@ -25,9 +25,20 @@ STD_FLOOR = 1e-6  # constant features whiten to 0 instead of NaN or amplified ro
 
 
 def accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
-    """Fraction of rows whose argmax equals the label."""
-    scores, truth = np.asarray(logits), np.asarray(labels)
+    """Fraction of rows of `logits` (n, K) whose argmax equals the label in `labels` (n,)."""
+    scores, truth = _numpy(logits), _numpy(labels)
+    if scores.ndim != 2 or truth.ndim != 1 or len(scores) != len(truth):
+        raise ValueError(
+            f"need logits (n, K) and labels (n,), got {scores.shape} and {truth.shape}"
+        )
     return float(np.mean(scores.argmax(axis=1) == truth)) if len(truth) else float("nan")
+
+
+def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):  # any device, dtype (bf16 too) or autograd state
+        values = values.detach().cpu()
+        return (values.float() if values.is_floating_point() else values).numpy()
+    return np.asarray(values)
 
 
 @torch.no_grad()

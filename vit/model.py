@@ -99,7 +99,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.rate
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return x * mask.div_(keep) if keep > 0 else x * mask
 
 
 class Block(nn.Module):
@@ -183,10 +183,18 @@ class VisionTransformer(nn.Module):
         return head
 
     def _init_weights(self) -> None:
-        """The original JAX initialisation: Xavier linears, LeCun patch embedding, zero head."""
+        """The original JAX initialisation: Xavier linears, LeCun patch embedding, zero head.
+
+        The stacked q;k;v projection is three (D, D) projections in the original code, each
+        initialised on its own: Xavier over the stacked (3D, D) matrix would be sqrt(2) narrower.
+        """
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and not name.startswith("head"):
-                nn.init.xavier_uniform_(module.weight)
+                if name.endswith("attn.qkv"):
+                    for projection in module.weight.data.chunk(3):
+                        nn.init.xavier_uniform_(projection)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
                 if name.endswith(("fc1", "fc2")):
                     nn.init.normal_(module.bias, std=1e-6)
                 else:
@@ -289,8 +297,8 @@ class VisionTransformer(nn.Module):
         )
         if not keep_pre_logits:
             self.pre_logits = nn.Identity()
-        device = self.norm.weight.device
-        self.head = self._make_head(self.config).to(device)
+        weight = self.norm.weight
+        self.head = self._make_head(self.config).to(weight.device, weight.dtype)
 
     def resize_pos_embed(self, image_size: int | tuple[int, int]) -> None:
         """Adapt the model to a new input resolution (same patch size) by 2D resampling."""
@@ -306,7 +314,7 @@ class VisionTransformer(nn.Module):
             )
             self.pos_embed = nn.Parameter(resized)
         else:
-            self.pos_embed = self._sincos_table().to(self.pos_embed.device)
+            self.pos_embed = self._sincos_table().to(self.pos_embed.device, self.pos_embed.dtype)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay: embeddings, the class token, norms and biases."""

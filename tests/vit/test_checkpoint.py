@@ -124,4 +124,20 @@ def test_damaged_directories_fail_with_a_clear_message(tmp_path: Path, damage, m
 def test_class_names_must_match_the_head(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="2 class names for a model with 3 classes"):
         save(make_model(), tmp_path, class_names=["a", "b"])
+    with pytest.raises(CheckpointError, match="class names must be strings"):
+        save(make_model(), tmp_path, class_names=[0, 1, 2])  # load would refuse the checkpoint
     assert not (tmp_path / "vit.json").exists()
+
+
+def test_metadata_that_cannot_be_written_leaves_the_old_checkpoint_whole(tmp_path: Path) -> None:
+    old = make_model()
+    save(old, tmp_path, provenance={"run": "first"})
+    new = make_model()
+    with torch.no_grad():
+        new.head.weight.add_(1.0)
+    with pytest.raises(TypeError):
+        save(new, tmp_path, provenance={"step": object()})
+    loaded, meta = load(tmp_path)
+    assert meta.provenance == {"run": "first"}
+    assert torch.equal(loaded.head.weight, old.head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "vit.json"]

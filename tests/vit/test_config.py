@@ -24,6 +24,11 @@ def test_named_variants_cover_every_size_and_patch() -> None:
         (dict(num_heads=5), "not divisible by 5 heads"),
         (dict(pooling="max"), "pooling"),
         (dict(pos_embed="rope"), "pos_embed"),
+        (dict(num_heads=0), "num_heads must be positive"),
+        (dict(patch_size=0), "patch_size must be positive"),
+        (dict(image_size=(224, 0)), "image_size must be positive"),
+        (dict(drop_path=1.5), "drop_path is a probability"),
+        (dict(attention_dropout=-0.1), "attention_dropout is a probability"),
     ],
 )
 def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:
@@ -34,6 +39,12 @@ def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:
 def test_unknown_variant_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="known: Ti/8"):
         ViTConfig.from_name("X/16")
+
+
+@pytest.mark.parametrize("name", ["B/0", "B/-16"])
+def test_a_patch_size_below_one_is_rejected_not_divided_by(name: str) -> None:
+    with pytest.raises(ValueError, match="patch_size must be positive"):
+        ViTConfig.from_name(name)
 
 
 def test_dict_round_trip() -> None:

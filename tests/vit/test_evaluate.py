@@ -144,3 +144,18 @@ def test_ridge_on_raw_digit_pixels_is_a_strong_baseline() -> None:
     train, test = order[:1300], order[1300:]
     results = fewshot_evaluate(x[train], y[train], x[test], y[test], 10, shots=(1, 10))
     assert results[10][0] > 0.8 and results[10][0] > results[1][0] > 0.4
+
+
+def test_accuracy_refuses_shapes_that_would_broadcast() -> None:
+    """A label column (n, 1) against n predictions would compare all n x n pairs."""
+    logits = np.eye(3)[[0, 1, 2]]
+    assert accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    for labels in (np.array([[0], [1], [1]]), np.array([0, 0, 0, 0]), np.array([0])):
+        with pytest.raises(ValueError, match=r"logits \(n, K\) and labels \(n,\)"):
+            accuracy(logits, labels)
+    assert np.isnan(accuracy(np.zeros((0, 3)), np.zeros(0, np.int64)))
+
+
+def test_accuracy_takes_any_torch_tensor() -> None:
+    logits = torch.eye(3, dtype=torch.bfloat16, requires_grad=True)
+    assert accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)

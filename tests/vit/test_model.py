@@ -208,3 +208,30 @@ def test_bf16_autocast_training_stays_finite_for_200_steps() -> None:
         logits, maps = model.forward_with_attention(patchify(images, 4))
     assert maps[0].dtype == torch.float32 and torch.isfinite(logits).all()
     assert loss.item() < 1.0  # it memorised the 16 samples: the steps did real work
+
+
+def test_qkv_projections_get_the_original_per_projection_xavier_init() -> None:
+    """The reference initialises q, k and v as separate (D, D) kernels: each has variance 1/D."""
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny(width=256, depth=1, mlp_dim=256))
+    for projection in model.blocks[0].attn.qkv.weight.detach().chunk(3):
+        assert abs(projection.std().item() - 256**-0.5) < 0.03 * 256**-0.5
+    torch.testing.assert_close(model.blocks[0].attn.qkv.bias, torch.zeros(3 * 256))
+
+
+def test_a_bf16_model_keeps_its_dtype_through_head_and_resolution_changes() -> None:
+    images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    for pos_embed in ("learned", "sincos2d"):
+        model = VisionTransformer(tiny(num_classes=3, pos_embed=pos_embed)).bfloat16().eval()
+        model.reset_classifier(5)
+        model.resize_pos_embed(48)
+        assert model.head.weight.dtype == model.pos_embed.dtype == torch.bfloat16
+        with torch.no_grad():
+            assert model(images).dtype == torch.bfloat16
+
+
+def test_full_stochastic_depth_drops_the_branch_without_nans() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny(num_classes=3, depth=2, drop_path=1.0)).train()
+    torch.nn.init.normal_(model.head.weight)
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
