@@ -32,6 +32,25 @@ from vit.patches import patchify
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG and TIFF greyscale
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that turns stored pixels upright (ImageOps.exif_transpose's).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset(
+    {
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    }
+)
 
 
 class BadImageError(ValueError):
@@ -111,6 +130,7 @@ def image_to_tokens(
 
 
 def _decode(data: bytes, max_pixels: int, target: tuple[int, int]) -> Image.Image:
+    """Decode upright: a camera's EXIF orientation is applied, as every image viewer does."""
     if not data:
         raise BadImageError("empty file")
     try:
@@ -118,14 +138,29 @@ def _decode(data: bytes, max_pixels: int, target: tuple[int, int]) -> Image.Imag
         width, height = image.size
         if width * height > max_pixels:
             raise BadImageError(f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+        transpose = _ORIENTATION.get(_orientation(image))
+        if transpose in _SWAPS_AXES:
+            target = (target[1], target[0])  # the stored image is the upright one turned
         # JPEG can decode straight to a reduced size: far cheaper than decoding then shrinking.
         image.draft(image.mode, (target[1], target[0]))
         image.load()
+        if transpose is not None:
+            image = image.transpose(transpose)
     except BadImageError:
         raise
+    except Image.DecompressionBombError as error:  # Pillow's own limit, checked on opening
+        raise BadImageError(f"too many pixels to decode: {error}") from None
     except Exception:  # a decoder plugin fed hostile bytes may raise anything
         raise BadImageError("not a readable image (corrupt, truncated or unknown format)") from None
     return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1: stored upright); unreadable EXIF counts as upright."""
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # metadata is optional: a broken EXIF block does not spoil the pixels
+        return 1
 
 
 def _to_channels(image: Image.Image, channels: int) -> Image.Image:
@@ -138,7 +173,8 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
         # x/257 rounded, in integers: 4 bytes a pixel where floats took 8 (40 MP: 160 MB).
         pixels = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
         image = Image.fromarray(((pixels + 128) // 257).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    # "transparency": a palette entry, or the one transparent colour of an RGB or grey image.
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)

@@ -198,8 +198,18 @@ def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pa
 
 
 def is_hidden(relative: str) -> bool:
-    """Files no reader of a dataset should see (``.DS_Store``, ``_SUCCESS``, our ``_tmp/``)."""
-    return relative.startswith(_HIDDEN_PREFIXES)
+    """Files no reader of a dataset should see (``.DS_Store``, ``_SUCCESS``, our ``_tmp/``),
+    at any depth: ``split=train/_temporary/``, ``cat/scans/.cache/``."""
+    return any(part.startswith(_HIDDEN_PREFIXES) for part in relative.split("/"))
+
+
+def is_hidden_image(relative: str) -> bool:
+    """An image file no reader should see: a dot file (macOS's ``._photo.jpg`` copies of
+    resource forks) or one in a hidden folder. A file name's leading underscore is no mark: the
+    camera file standard (DCF) names Adobe RGB photos so, ``_DSC0001.JPG`` or ``_MG_1234.JPG``.
+    """
+    *folders, name = relative.split("/")
+    return name.startswith(".") or is_hidden("/".join(folders))
 
 
 def is_parquet(relative: str) -> bool:
@@ -341,6 +351,13 @@ class FolderSource:
         orders the classes (e.g. 6 of Tux Paint's 16 stamp categories)."""
         top = _children(fs, root, pafs.FileType.Directory)
         splits = {d: SPLIT_ALIASES.get(d.lower()) for d in top}
+        if len(set(splits.values()) - {None}) > 1 and not all(splits.values()):
+            # Read as classes, every image would be labelled with its split's (or folder's) name.
+            raise FileNotFoundError(
+                f"{root}: split folders {sorted(d for d in top if splits[d])} beside other "
+                f"folders {sorted(d for d in top if not splits[d])}; move the others out of the "
+                "dataset's root (expected root/<split>/<class>/*.png or root/<class>/*.png)"
+            )
         if top and all(splits.values()) and "train" not in splits.values():
             # Read as classes, every image would be labelled with its split's name.
             raise FileNotFoundError(
@@ -396,7 +413,7 @@ class FolderSource:
             rel = i.path[len(base) + 1 :]
             if (
                 i.type == pafs.FileType.File
-                and not is_hidden(rel)
+                and not is_hidden_image(rel)
                 and rel.lower().endswith(tuple("." + e for e in self.extensions))
                 and not rel.endswith(self.exclude_suffixes)
             ):
@@ -559,12 +576,9 @@ class ParquetSource:
     def class_names(self) -> tuple[str, ...]:
         """Manifest names, else Hugging Face ``ClassLabel`` names, else derived from the labels
         ("0".."max" for integers, sorted values for strings; this reads the label column)."""
-        if "class_names" in self.manifest:
-            return tuple(self.manifest["class_names"])
-        hf = json.loads((self.schema.metadata or {}).get(b"huggingface", b"{}"))
-        names = hf.get("info", {}).get("features", {}).get("label", {}).get("names")
-        if names:
-            return tuple(names)
+        names = self._named_classes()
+        if names is not None:
+            return names
         labels = []
         for rel, _ in self.files:
             with self.fs.open_input_file(f"{self.root}/{rel}") as f:
@@ -573,6 +587,15 @@ class ParquetSource:
         if pa.types.is_integer(values.type):
             return tuple(str(i) for i in range(pc.max(values).as_py() + 1))
         return tuple(sorted(pc.unique(values).to_pylist()))
+
+    def _named_classes(self) -> tuple[str, ...] | None:
+        """Class names the manifest or the Hugging Face schema metadata give, without reading
+        any label."""
+        if "class_names" in self.manifest:
+            return tuple(self.manifest["class_names"])
+        hf = json.loads((self.schema.metadata or {}).get(b"huggingface", b"{}"))
+        names = hf.get("info", {}).get("features", {}).get("label", {}).get("names")
+        return tuple(names) if names else None
 
     def fingerprint(self) -> str:
         """The manifest's checksum where there is one; else the files' sizes and mtimes."""
@@ -591,15 +614,19 @@ class ParquetSource:
         files = [f for f in self.files if split is None or f[1] is None or f[1] in holds]
         if not files:
             return empty_rows()
-        index = None
+        index, num_classes = None, None
         if not pa.types.is_integer(self.schema.field("label").type):
             index = {c: i for i, c in enumerate(self.class_names())}
+            num_classes = len(index)
+        elif (names := self._named_classes()) is not None:
+            num_classes = len(names)  # integer labels checked where their names come first
         read = functools.partial(
             _parquet_rows,
             fs=self.fs,
             root=self.root,
             columns=[c for c in ("key", "image", "label", "split") if c in self.schema.names],
             label_index=index,
+            num_classes=num_classes,
             fractions=fractions,
             missing=missing,
             keep=split,
@@ -634,6 +661,7 @@ def _parquet_rows(
     root: str,
     columns: list[str],
     label_index: Mapping[str, int] | None,
+    num_classes: int | None,
     fractions: SplitFractions,
     missing: frozenset[str],
     keep: str | None,
@@ -643,7 +671,9 @@ def _parquet_rows(
 
     Keyless rows are keyed ``<file>#<row index>``. A split column is trusted (aliases such as
     "validation" mapped), else the split the file's name gives, else train; the splits none of
-    the data names (``missing``) are hashed out of the train rows.
+    the data names (``missing``) are hashed out of the train rows. A label that is missing,
+    negative (Hugging Face's "no label" -1), not a class name or past ``num_classes`` fails the
+    read, naming it: such a row cannot be trained on, and scored it would count as a mistake.
     """
     rel, file_split = file
     offset = 0
@@ -656,7 +686,14 @@ def _parquet_rows(
             offset += rb.num_rows
             labels = rb.column("label").to_pylist()
             if label_index is not None:
-                labels = [label_index[v] for v in labels]
+                labels = [label_index.get(v, -1) for v in labels]
+            for i, label in enumerate(labels):
+                if label is None or label < 0 or label >= (num_classes or math.inf):
+                    value = rb.column("label")[i].as_py()
+                    known = f"the {num_classes} classes" if num_classes else "the classes"
+                    raise ValueError(
+                        f"{root}/{rel}: row {keys[i]!r} has label {value!r}, none of {known}"
+                    )
             if "split" in columns:
                 declared = split_names(rb.column("split").to_pylist(), f"{root}/{rel}")
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -151,6 +152,28 @@ def test_folder_and_s3_sources_yield_the_same_rows(digits_folder: Path, moto_s3:
     assert describe(uri).class_names == ("seven", "three", "zero")
     test_only = rows(read_dataset(uri, "test", filesystem=moto_s3.filesystem))
     assert test_only == {k: v for k, v in local.items() if v[2] == "test"}
+
+
+def test_hidden_files_are_skipped_at_any_depth_and_camera_names_kept(tmp_path: Path) -> None:
+    """macOS leaves ``._name.png`` beside every copied file, tools leave ``.cache/`` folders, in
+    nested folders as much as in class folders; cameras name Adobe RGB photos ``_DSC0001.JPG``."""
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(png, format="PNG")
+    images = ["cat/a.png", "cat/_DSC0001.png", "cat/sub/b.png", "dog/c.png"]
+    hidden = ["cat/._a.png", "cat/sub/._b.png", "cat/sub/.cache/d.png", "dog/sub/_tmp/e.png"]
+    for rel in images + hidden:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(png.getvalue())
+    assert set(rows(read_dataset(str(tmp_path)))) == set(images)
+
+
+def test_split_folders_beside_other_folders_are_refused(tmp_path: Path) -> None:
+    """Read as classes, every image would be labelled with its split folder's name."""
+    for rel in ("train/cat/a.png", "val/cat/b.png", "annotations/c.png"):
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"\['train', 'val'\] beside other folders"):
+        describe(str(tmp_path))
 
 
 def test_a_folder_split_reads_only_its_files_and_survives_a_vanished_one(
@@ -312,6 +335,27 @@ def test_string_labels_without_manifest_become_sorted_class_names(tmp_path: Path
     assert describe(str(tmp_path)).class_names == ("daisy", "tulip")
     labels = {k: label for k, (_, label, _) in rows(read_dataset(str(tmp_path))).items()}
     assert labels == {"k0": 1, "k1": 0, "k2": 1}
+
+
+@pytest.mark.parametrize(
+    ("labels", "names", "bad"),
+    [
+        ([0, 1, -1], ["a", "b"], "-1"),  # Hugging Face's "no label" in a test split
+        ([0, 1, 2], ["a", "b"], "2"),  # more labels than the manifest names
+        (["a", "b", "c"], ["a", "b"], "'c'"),  # a name the manifest lacks
+        ([0, 1, None], None, "None"),
+    ],
+)
+def test_a_label_that_names_no_class_fails_the_read_naming_it(
+    tmp_path: Path, labels: list, names: list[str] | None, bad: str
+) -> None:
+    """Such a row cannot be trained on; scored, it would count as a wrong prediction."""
+    table = pa.table({"key": ["k0", "k1", "k2"], "image": [b"x", b"y", b"z"], "label": labels})
+    pq.write_table(table, tmp_path / "data.parquet")
+    if names is not None:
+        (tmp_path / "manifest.json").write_text(json.dumps({"class_names": names}))
+    with pytest.raises(ValueError, match=f"row 'k2' has label {bad}, none of the"):
+        rows(read_dataset(str(tmp_path)))
 
 
 def test_split_folders_are_honoured(split_folder: Path) -> None:

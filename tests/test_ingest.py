@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -61,6 +63,14 @@ def test_transparent_pixels_are_composited_on_white() -> None:
     assert (tokens == 255).all()
 
 
+@pytest.mark.parametrize(("mode", "key"), [("RGB", (0, 0, 0)), ("L", 0), ("P", 0)])
+def test_a_transparent_colour_is_composited_on_white_too(mode: str, key: object) -> None:
+    """PNG and GIF mark a transparent colour (tRNS) in RGB, grey and palette images alike."""
+    buffer = io.BytesIO()
+    Image.new(mode, (32, 32), key).save(buffer, format="PNG", transparency=key)
+    assert (image_to_tokens(buffer.getvalue(), config()) == 255).all()
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(channels: int) -> None:
     ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # dark to bright
@@ -100,6 +110,51 @@ def test_a_large_jpeg_is_decoded_large_enough_for_its_centre_crop() -> None:
                          channels_last=True)  # fmt: skip
     tokens = image_to_tokens(buffer.getvalue(), cfg)
     assert np.abs(tokens.astype(int) - reference.astype(int)).mean() < 1.5  # 3.1 when enlarged
+
+
+# Stored pixels for each EXIF orientation, given the upright image (what a viewer shows).
+STORED = {
+    1: lambda up: up,
+    2: lambda up: up[:, ::-1],
+    3: lambda up: up[::-1, ::-1],
+    4: lambda up: up[::-1],
+    5: lambda up: up.transpose(1, 0, 2),
+    6: lambda up: np.rot90(up, 1),  # shown after turning 90 degrees clockwise
+    7: lambda up: np.rot90(up, 2).transpose(1, 0, 2),
+    8: lambda up: np.rot90(up, -1),
+}
+
+
+@pytest.mark.parametrize("orientation", STORED)
+def test_exif_orientation_is_applied_before_resizing(orientation: int) -> None:
+    """A phone photo is stored turned and tagged: the model sees it upright, as viewers do.
+    The model input is 16 x 32 (wide); a turned image stored 32 x 16 must not be squashed."""
+    upright = RNG.integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    stored = Image.fromarray(np.ascontiguousarray(STORED[orientation](upright)))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif.tobytes())
+    tokens = image_to_tokens(buffer.getvalue(), config(image_size=(16, 32)))
+    assert np.array_equal(tokens, patchify(upright, 8, channels_last=True))
+
+
+def test_a_turned_jpeg_is_decoded_large_enough_once_upright() -> None:
+    """Reduced-size JPEG decoding must ask for the stored (turned) size, else a tall photo for a
+    wide model input is decoded too small and enlarged."""
+    sklearn_data = pytest.importorskip("sklearn.datasets", reason="pip install scikit-learn")
+    upright = Image.fromarray(sklearn_data.load_sample_images().images[0]).resize((1280, 320))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(
+        buffer, format="JPEG", quality=95, exif=exif.tobytes()
+    )
+    cfg = config(image_size=(64, 256))
+    reference = patchify(np.asarray(upright.resize((256, 64), Image.BILINEAR)), 8,
+                         channels_last=True)  # fmt: skip
+    tokens = image_to_tokens(buffer.getvalue(), cfg)
+    assert np.abs(tokens.astype(int) - reference.astype(int)).mean() < 2.0
 
 
 def test_random_augmentation_is_reproducible_from_the_generator() -> None:
@@ -165,6 +220,24 @@ def test_an_image_that_cannot_take_the_model_channels_is_a_bad_image() -> None:
 def test_oversized_images_are_refused_before_decoding() -> None:
     with pytest.raises(BadImageError, match="exceeds the limit"):
         image_to_tokens(encode(RGB), config(), max_image_pixels=32 * 31)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_named_as_one_not_as_a_corrupt_file() -> None:
+    """Past twice Pillow's own limit (179 M pixels) Pillow refuses on opening; the error must
+    still say the image is too large, not that it is corrupt."""
+    with pytest.raises(BadImageError, match="too many pixels"):
+        image_to_tokens(png_header(20_000, 10_000), config())
 
 
 def rows(good: int, bad: int) -> list[dict]:
