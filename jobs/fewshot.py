@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'shots':>6} {'accuracy':>9} {'std':>7}")
     for shots, (mean, std) in sorted(result["accuracy"].items()):
         print(f"{shots:>6} {mean:>9.2%} {std:>7.2%}")
+    if result.get("skipped_shots"):
+        print(
+            f"[fewshot] skipped {', '.join(map(str, result['skipped_shots']))} shots: the rarest "
+            f"class has {result.get('rarest_class_rows', '?')} training images for the shots and "
+            f"{args.dev_per_class} dev images"
+            + ("; without dev images each class needs 2 shots" if not args.dev_per_class else "")
+        )
     print(f"[fewshot] MLflow run {result['run_id']}")
     return 0
 

@@ -70,7 +70,8 @@ def run_fewshot(
     last ``dev_per_class`` train rows of each class (see ``vit.evaluate.fewshot_evaluate``).
 
     Returns {"run_id", "accuracy": {shots: (mean, std)}, "metrics", "train_rows",
-    "test_rows", "num_classes", "bad_images"}.
+    "test_rows", "num_classes", "bad_images", "skipped_shots", "rarest_class_rows"}: a shot
+    count the rarest class cannot fill (with its dev rows) is skipped, not evaluated.
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     shot_list = [int(k) for k in shots]
@@ -134,8 +135,8 @@ def run_fewshot(
                 f"training examples for the shots and {dev_per_class} dev examples"
                 + ("; without dev examples each class needs 2 shots" if not dev_per_class else "")
             )
-        if len(feasible) < len(shot_list):
-            skipped = sorted(set(shot_list) - set(feasible))
+        skipped = sorted(set(shot_list) - set(feasible))
+        if skipped:
             mlflow.set_tag(run_id, "vitray_skipped_shots", ",".join(map(str, skipped)))
         accuracy = fewshot_evaluate(
             train_x,
@@ -163,6 +164,8 @@ def run_fewshot(
         "test_rows": len(test_y),
         "num_classes": info.num_classes,
         "bad_images": bad,
+        "skipped_shots": skipped,
+        "rarest_class_rows": rarest,
     }
 
 

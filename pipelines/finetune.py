@@ -76,6 +76,25 @@ class FinetuneConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work here, not in the trials: there an empty batch
+        reads as a diverged learning rate, and no step at all as an interrupted sweep."""
+        wrong = [
+            name
+            for name in ("steps", "batch_size", "eval_every", "grace_evaluations")
+            if getattr(self, name) < 1
+        ]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} must be at least 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
+        if not self.learning_rates:
+            raise ValueError("the search needs at least one learning rate")
+        if min(self.learning_rates) <= 0:
+            raise ValueError(f"learning rates must be positive, got {self.learning_rates}")
+
 
 @dataclass(frozen=True)
 class DatasetOutcome:
@@ -211,6 +230,12 @@ def _tokens(
     rows.context.execution_options.preserve_order = True
     batches = list(rows.iter_batches(batch_size=None, batch_format="numpy"))
     check_bad_fraction(tracker, ingest)
+    if not any(len(b["label"]) for b in batches):
+        raise ValueError(
+            f"{dataset}: the {split} split has no images; fine-tuning trains on train, "
+            "chooses the learning rate on dev and reports test (a small set's held-out "
+            "splits are a share of its images: add images or declare the split's folder)"
+        )
     arrays = {
         "tokens": np.concatenate([b["tokens"] for b in batches]),
         "label": np.concatenate([b["label"] for b in batches]),
@@ -242,6 +267,13 @@ def _tune_dataset(
             split: _tokens(dataset, split, model_config, config.ingest)
             for split in SELECTION_SPLITS
         }
+        register = config.register and not config.from_scratch
+        if register and any(c in dataset for c in "/:"):
+            # MLflow's own refusal would come only after every trial had trained.
+            raise ValueError(
+                f"{dataset!r} cannot be registered as 'vit-{dataset}': MLflow model names "
+                "cannot contain '/' or ':'; tune it with register=False"
+            )
         # tune.with_parameters stores these in the object store once for all the dataset's trials.
         data = {split: arrays for split, (arrays, _) in read.items()}
         provenance = {"dataset": dataset, "stage": kind, "pretrain_run": pretrain_run}
@@ -328,7 +360,7 @@ def _tune_dataset(
             mlflow.log_dict(dataset_run, reasons, "failed_trials.json")
             mlflow.set_tag(dataset_run, "vitray_failed_trials", ", ".join(sorted(reasons)))
         version = None
-        if config.register and not config.from_scratch:
+        if register:
             version = tracking.register_model(
                 f"vit-{dataset}",
                 dataset_run,
@@ -547,6 +579,7 @@ def _trial(
                 if step == config.steps:  # before the last report: Tune may end the trial in it
                     mlflow.set_terminated(run_id)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        mlflow.set_terminated(run_id)  # also a restart from a checkpoint with no step left
     except Exception:
         mlflow.set_terminated(run_id, "FAILED")
         raise
@@ -563,10 +596,13 @@ def _trial_run(
     """The trial's MLflow run: the one a restarted trial started before, else a new one.
 
     Tune restarts a trial whose process died, from its latest checkpoint or, with none yet,
-    from the start; either way its steps belong to one run.
+    from the start; either way its steps belong to one run. A trial that raised ended its run
+    FAILED, and Tune retries it too (`max_failures`): the run is running again while it trains.
     """
     mine = f"tags.mlflow.parentRunId = '{parent_run}' and tags.mlflow.runName = '{trial_name}'"
     for run in mlflow.search_runs([tracking.experiment_id(experiment, uri)], filter_string=mine):
+        if run.info.status != "RUNNING":
+            mlflow.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
     return tracking.start_run(
         trial_name,

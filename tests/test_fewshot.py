@@ -50,9 +50,10 @@ def test_job_logs_fewshot_accuracy_above_chance(
     ray_local: None, tiny_checkpoint: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--checkpoint", str(tiny_checkpoint.parent), "--dataset", "digits"]
-    assert fewshot_job.main([*argv, "--shots", "1", "10", "--seeds", "2"]) == 0
+    assert fewshot_job.main([*argv, "--shots", "1", "10", "200", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "10 classes" in out and "MLflow run" in out
+    assert "skipped 200 shots" in out  # no digit has 200 + 10 training images
 
     mlflow = tracking.client(mlflow_uri)
     experiment = mlflow.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
@@ -74,6 +75,8 @@ def test_job_logs_fewshot_accuracy_above_chance(
     # accuracies of 0.37-0.43 over init seeds 0-2 on this protocol (ridge on raw pixels: 0.87).
     assert metrics["fewshot/10shot_accuracy"] > 0.25
     assert metrics["fewshot/10shot_accuracy"] > metrics["fewshot/1shot_accuracy"]
+    assert run.data.tags["vitray_skipped_shots"] == "200"
+    assert "fewshot/200shot_accuracy" not in metrics
     (plot,) = mlflow.list_artifacts(run.info.run_id, "figures")
     assert plot.path == "figures/fewshot.png" and plot.file_size > 1000
 
@@ -141,3 +144,19 @@ def test_a_split_of_unreadable_images_is_refused_with_examples(
             (tmp_path / "unreadable" / label / f"{i}.png").write_bytes(b"not a png")
     with pytest.raises(DataQualityError, match=r"(\d+) of \1 images unreadable"):
         run_fewshot(tiny_checkpoint, str(tmp_path / "unreadable"), (1,), 1)
+
+
+def test_the_job_says_which_shot_counts_the_data_could_not_fill(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Asked for 1, 5 and 25 shots, a set with 20 images in its rarest class reports two rows:
+    the third is named, not silently missing from the table."""
+    result = {
+        "run_id": "r1", "accuracy": {1: (0.3, 0.01), 5: (0.5, 0.02)}, "train_rows": 200,
+        "test_rows": 50, "num_classes": 10, "skipped_shots": [25],
+    }  # fmt: skip
+    monkeypatch.setattr(fewshot_job, "connect", lambda address: None)
+    monkeypatch.setattr(fewshot_job, "run_fewshot", lambda *args, **kwargs: result)
+    argv = ["--checkpoint", "ckpt", "--dataset", "small", "--shots", "1", "5", "25"]
+    assert fewshot_job.main(argv) == 0
+    assert "skipped 25 shots" in capsys.readouterr().out

@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from ray.util.state import list_actors
 
 from pipelines import finetune, tracking
 from pipelines.datasets import fingerprint
 from pipelines.finetune import FinetuneConfig
-from pipelines.ingest import DataQualityError
+from pipelines.ingest import DataQualityError, IngestConfig
 from pipelines.pipeline import StageCache, cached_sweep
+from pipelines.sources import empty_rows
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 from vit.config import Preprocessing
@@ -299,3 +301,75 @@ def test_a_higher_fine_tuning_resolution_scales_the_evaluation_resize() -> None:
     no_resize = ViTConfig()
     at_384 = finetune._model_config(no_resize, FinetuneConfig(checkpoint="-", image_size=384), 5)
     assert at_384.preprocessing.resize_size is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"eval_every": 0}, "eval_every must be at least 1"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"grace_evaluations": 0}, "grace_evaluations must be at least 1"),
+        ({"learning_rates": ()}, "at least one learning rate"),
+        ({"learning_rates": (0.01, 0.0)}, "learning rates must be positive"),
+        ({"warmup_steps": -1}, "warmup_steps must be 0 or more"),
+        ({"reduction_factor": 1}, "reduction_factor must be at least 2"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_when_the_sweep_is_made(
+    setting: dict[str, Any], message: str
+) -> None:
+    """Refused up front: left to the trials they surface as a divergence ("loss became nan"),
+    a division by zero after the data is read, or a sweep reported as interrupted."""
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(checkpoint="-", **setting)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_empty_split_is_named_not_left_to_a_numpy_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny folder can leave its hash-held-out dev split without a single image."""
+    monkeypatch.setattr(finetune, "read_dataset", lambda dataset, split: empty_rows())
+    model = ViTConfig(image_size=8, patch_size=2, width=32, depth=1, mlp_dim=64, num_heads=2)
+    with pytest.raises(ValueError, match="tiny-folder: the dev split has no images"):
+        finetune._tokens("tiny-folder", "dev", model, IngestConfig())
+
+
+def test_a_trial_that_tune_retries_after_an_error_trains_on_in_a_running_run(
+    tmp_path: Path,
+) -> None:
+    """An error ends the trial's run FAILED; Tune then restarts the trial from its checkpoint
+    (`max_failures`) and its steps go on in the same run, which must read as running again:
+    left FAILED, a retry that ASHA later stops would stay FAILED, not KILLED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = tracking.client(uri)
+    parent = tracking.start_run("finetune-digits", experiment="retry", uri=uri)
+    first = finetune._trial_run(mlflow, "retry", parent, "_trial_0", "digits", uri)
+    mlflow.set_terminated(first, "FAILED")
+    again = finetune._trial_run(mlflow, "retry", parent, "_trial_0", "digits", uri)
+    assert again == first
+    assert mlflow.get_run(again).info.status == "RUNNING"
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_folder_that_cannot_name_a_registered_model_is_refused_before_any_trial(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    """MLflow refuses '/' and ':' in model names: registering `vit-/data/pets` would fail only
+    after the whole search had run."""
+    folder = tmp_path / "pets"
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    config = small_sweep(pretrained, tmp_path, datasets=(str(folder),), steps=2, eval_every=1)
+    with pytest.raises(ValueError, match=r"cannot be registered.*register=False"):
+        finetune.run(config)
+    mlflow = tracking.client()
+    runs = mlflow.search_runs([tracking.experiment_id(config.experiment)])
+    assert {r.data.tags["vitray_stage"] for r in runs} == {"finetune"}  # no trial ran
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert not (tmp_path / "tune").exists()
