@@ -4,7 +4,8 @@
     python -m jobs.tune --config configs/finetune_demo.py --scratch   # the from-scratch baseline
 
 Prints a results table per dataset (dev and test accuracy, chosen learning rate, trials run,
-stopped early, failed, time) and registers each dataset's best model as `vit-<dataset>@champion`.
+stopped early, failed, time, registered version) and registers each dataset's best model as a
+version of `vit-<dataset>`: `@champion` unless the champion did better on the same data.
 """
 
 from __future__ import annotations

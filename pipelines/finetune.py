@@ -7,8 +7,11 @@ chosen from {0.001, 0.003, 0.01, 0.03} on the dev split. ASHA stops weak trials 
 
 Accuracies of different datasets are not comparable, so each dataset gets its own Tuner (its own
 ASHA brackets). The best trial per dataset is evaluated once on the test split and registered in
-MLflow as `vit-<dataset>` with the alias `champion`. With `from_scratch` the same search runs on a
-randomly initialised model of the same architecture: the paper's baseline, one flag away.
+MLflow as a new version of `vit-<dataset>`. It takes the alias `champion` unless the current
+champion did better on the same data (then `challenger`): serving follows `@champion`, and a smoke
+run or a weaker recipe must not demote the model it serves. With `from_scratch` the same search
+runs on a randomly initialised model of the same architecture: the paper's baseline, one flag
+away.
 
 Downstream sets are small, so each one is tokenised once with Ray Data and shared with its
 trials through the object store instead of being decoded again by every trial.
@@ -28,11 +31,13 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from pipelines import figures, tracking
-from pipelines.datasets import describe, read_dataset
+from pipelines.datasets import describe, fingerprint, read_dataset
 from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_tracker, to_tokens
 from pipelines.training import autocast, resolve_checkpoint, storage_uri, warmup_then_decay
 from vit import checkpoint as vit_checkpoint
@@ -41,6 +46,9 @@ from vit.model import VisionTransformer
 from vit.patches import unpatchify
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"  # a registered version that did not beat the champion on its data
+DEV_ACCURACY_TAG = "vitray_dev_accuracy"  # on a registered version: what promotion compares
+DATA_TAG = "vitray_data_fingerprint"  # on a registered version: the data it was chosen on
 MODEL_DIR = "model"  # in a trial checkpoint: the model, as registered and served
 TRIAL_STATE_FILE = "trial_state.pt"  # beside it: optimizer, schedule and step
 SELECTION_SPLITS = ("train", "dev")  # what trials see; the test split is read once, at the end
@@ -107,6 +115,7 @@ class DatasetOutcome:
     checkpoint_path: str
     run_id: str
     model_version: str | None
+    alias: str | None  # CHAMPION or CHALLENGER, None when nothing was registered
     trials: int
     stopped_early: int
     failed: int
@@ -183,13 +192,15 @@ def run(config: FinetuneConfig, *, parent_run_id: str | None = None) -> list[Dat
 
 def format_table(outcomes: list[DatasetOutcome]) -> str:
     rows = [
-        "| dataset | dev acc | test acc | lr | trials | stopped early | failed | time s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | dev acc | test acc | lr | trials | stopped early | failed | time s | "
+        "registered |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
+        registered = f"v{o.model_version} @{o.alias}" if o.model_version else "-"
         rows.append(
             f"| {o.dataset} | {o.dev_accuracy:.4f} | {o.test_accuracy:.4f} | {o.learning_rate} | "
-            f"{o.trials} | {o.stopped_early} | {o.failed} | {o.seconds:.0f} |"
+            f"{o.trials} | {o.stopped_early} | {o.failed} | {o.seconds:.0f} | {registered} |"
         )
     return "\n".join(rows)
 
@@ -345,8 +356,9 @@ def _tune_dataset(
         if samples:
             mlflow.log_dict(dataset_run, {"bad_images": samples}, "data_errors.json")
         learning_rate = float(best.config["learning_rate"])
+        dev_accuracy = float(best.metrics["dev_accuracy"])
         for key, value in {
-            "dev/accuracy": float(best.metrics["dev_accuracy"]),
+            "dev/accuracy": dev_accuracy,
             "test/accuracy": test_accuracy,
             "trials": len(grid),
             "trials_stopped_early": stopped,
@@ -359,29 +371,55 @@ def _tune_dataset(
             reasons = {str(r.config["learning_rate"]): str(r.error)[-500:] for r in failed}
             mlflow.log_dict(dataset_run, reasons, "failed_trials.json")
             mlflow.set_tag(dataset_run, "vitray_failed_trials", ", ".join(sorted(reasons)))
-        version = None
+        version, alias = None, None
         if register:
+            data = fingerprint(dataset)
+            alias = registry_alias(mlflow, f"vit-{dataset}", data, dev_accuracy)
             version = tracking.register_model(
                 f"vit-{dataset}",
                 dataset_run,
                 "checkpoint",
-                tags={"vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
-                alias=CHAMPION,
+                tags={
+                    "vitray_dataset": dataset,
+                    "vitray_pretrain_run": pretrain_run,
+                    DEV_ACCURACY_TAG: str(dev_accuracy),
+                    DATA_TAG: data,
+                },
+                alias=alias,
                 uri=uri,
             )
+            mlflow.set_tag(dataset_run, "vitray_registered", f"vit-{dataset} v{version} @{alias}")
     return DatasetOutcome(
         dataset=dataset,
-        dev_accuracy=float(best.metrics["dev_accuracy"]),
+        dev_accuracy=dev_accuracy,
         test_accuracy=test_accuracy,
         learning_rate=learning_rate,
         checkpoint_path=f"{storage_uri(best.checkpoint.path, config.storage_path)}/{MODEL_DIR}",
         run_id=dataset_run,
         model_version=version,
+        alias=alias,
         trials=len(grid),
         stopped_early=stopped,
         failed=len(failed),
         seconds=time.perf_counter() - start,
     )
+
+
+def registry_alias(mlflow: MlflowClient, name: str, data: str, dev_accuracy: float) -> str:
+    """CHAMPION for a model at least as good on dev as the current champion, else CHALLENGER.
+
+    Dev accuracy is what chose the model within its sweep, so it decides between sweeps too, but
+    only on the same data (its fingerprint): measured on other data the champion's number says
+    nothing about this model, and the newer data wins. A champion without these tags (registered
+    by hand, or before they existed) is replaced as well.
+    """
+    try:
+        current = mlflow.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such model or alias yet
+        return CHAMPION
+    if current.tags.get(DATA_TAG) != data or DEV_ACCURACY_TAG not in current.tags:
+        return CHAMPION
+    return CHAMPION if dev_accuracy >= float(current.tags[DEV_ACCURACY_TAG]) else CHALLENGER
 
 
 class _RecordingASHA(ASHAScheduler):

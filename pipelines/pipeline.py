@@ -333,7 +333,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"pretraining dev accuracy: {pre.get('dev/accuracy', float('nan')):.4f} "
         f"(step {int(pre.get('step', 0))})",
         "",
-        "| dataset | few-shot 10 | few-shot 25 | fine-tuned test | from scratch test | champion |",
+        "| dataset | few-shot 10 | few-shot 25 | fine-tuned test | from scratch test "
+        "| registered |",
         "|---|---|---|---|---|---|",
     ]
     scratch = {o["dataset"]: o["test_accuracy"] for o in summary["scratch"]}
@@ -350,7 +351,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {dataset} | {shot(accuracy, 10)} | {shot(accuracy, 25)} | "
             f"{outcome['test_accuracy']:.4f} | {baseline} | "
-            f"vit-{dataset} v{outcome['model_version']} |"
+            f"vit-{dataset} v{outcome['model_version']} @{outcome.get('alias', 'champion')} |"
         )
     reply = summary["smoke_query"]
     top = reply["predictions"][0]

@@ -51,6 +51,37 @@ def pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def register_champion(name: str, dataset: str, dev_accuracy: float) -> str:
+    """A registered version as a sweep on `dataset` leaves it, with the dev accuracy given."""
+    run_id = tracking.start_run(f"earlier-{name}")
+    tags = {
+        finetune.DEV_ACCURACY_TAG: str(dev_accuracy),
+        finetune.DATA_TAG: fingerprint(dataset),
+    }
+    return tracking.register_model(name, run_id, "checkpoint", tags, alias="champion")
+
+
+def test_a_champion_chosen_on_other_data_or_untagged_gives_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a champion measured on the same data is compared; any other is replaced."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow, data = tracking.client(), fingerprint("digits")
+
+    def alias(dev_accuracy: float) -> str:
+        return finetune.registry_alias(mlflow, "vit-digits", data, dev_accuracy)
+
+    assert alias(0.5) == "champion"  # no model yet
+    register_champion("vit-digits", "mnist-5k", 1.0)
+    assert alias(0.5) == "champion"  # its 1.0 was on other data
+    by_hand = tracking.start_run("by-hand")
+    tracking.register_model("vit-digits", by_hand, "checkpoint", {}, alias="champion")
+    assert alias(0.5) == "champion"  # no dev accuracy to compare
+    register_champion("vit-digits", "digits", 0.5)
+    assert alias(0.5) == "champion"  # as good: the newer model
+    assert alias(0.49) == "challenger"
+
+
 def small_sweep(pretrained: Path, tmp_path: Path, **settings: Any) -> FinetuneConfig:
     """One learning rate on digits, 64 images a step; `settings` change any of it."""
     return FinetuneConfig(
@@ -82,9 +113,21 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
         image_size=12,  # fine-tune at a higher resolution than pretraining (8 px)
         sweep_name="test-sweep",
     )
+    # Champions from earlier sweeps on the same data: digits' did worse than any model will,
+    # mnist-5k's better. Only digits' alias may move.
+    seeded = {
+        dataset: register_champion(f"vit-{dataset}", dataset, dev_accuracy)
+        for dataset, dev_accuracy in (("digits", 0.0), ("mnist-5k", 1.0))
+    }
     outcomes = finetune.run(config)
     assert [o.dataset for o in outcomes] == ["digits", "mnist-5k"]
     mlflow = tracking.client()
+    assert [o.alias for o in outcomes] == ["champion", "challenger"]
+    challenger = mlflow.get_model_version_by_alias("vit-mnist-5k", "challenger")
+    assert challenger.version == outcomes[1].model_version
+    champion = mlflow.get_model_version_by_alias("vit-mnist-5k", "champion")
+    assert champion.version == seeded["mnist-5k"]
+    assert f"v{outcomes[1].model_version} @challenger" in finetune.format_table(outcomes)
     for outcome in outcomes:
         assert outcome.failed == 1
         assert outcome.trials == 2
@@ -94,10 +137,11 @@ def test_sweep_registers_a_champion_per_dataset_and_survives_a_diverging_trial(
         assert len(history) == 1  # the test split is touched exactly once
         assert history[0].value == outcome.test_accuracy
         assert mlflow.get_run(outcome.run_id).data.metrics["data/bad_images"] == 0
-        champion = mlflow.get_model_version_by_alias(f"vit-{outcome.dataset}", "champion")
-        assert champion.version == outcome.model_version
-        assert champion.run_id == outcome.run_id
-        assert champion.tags["vitray_pretrain_run"] == "pre123"
+        registered = mlflow.get_model_version_by_alias(f"vit-{outcome.dataset}", outcome.alias)
+        assert registered.version == outcome.model_version
+        assert registered.run_id == outcome.run_id
+        assert registered.tags["vitray_pretrain_run"] == "pre123"
+        assert float(registered.tags["vitray_dev_accuracy"]) == outcome.dev_accuracy
         assert mlflow.get_run(outcome.run_id).data.tags["vitray_failed_trials"] == "1e+38"
         reasons = mlflow.download_artifacts(outcome.run_id, "failed_trials.json", str(tmp_path))
         assert "loss became" in Path(reasons).read_text()
