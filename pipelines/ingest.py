@@ -73,6 +73,15 @@ class Augmentation:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
 
+    def __post_init__(self) -> None:
+        """Refused here, not as a division by zero inside a decoding task."""
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale needs 0 < low <= high <= 1, got {self.crop_scale}")
+        low, high = self.crop_ratio
+        if not 0 < low <= high:
+            raise ValueError(f"crop_ratio needs 0 < low <= high, got {self.crop_ratio}")
+
 
 @dataclass(frozen=True)
 class IngestConfig:
@@ -202,7 +211,9 @@ def _centre_box(size: tuple[int, int], config: ViTConfig) -> tuple[float, float,
 def _random_box(
     size: tuple[int, int], augmentation: Augmentation, rng: np.random.Generator
 ) -> tuple[float, float, float, float]:
-    """Inception-style random resized crop; falls back to the whole image after 10 misses."""
+    """Inception-style random resized crop. After 10 misses (a panorama, a narrow scale range)
+    it takes the centre crop at the nearest allowed aspect ratio, as torchvision does, rather
+    than squash the whole image."""
     width, height = size
     area = width * height
     log_ratio = (math.log(augmentation.crop_ratio[0]), math.log(augmentation.crop_ratio[1]))
@@ -215,7 +226,11 @@ def _random_box(
             left = rng.uniform(0, width - box_w)
             top = rng.uniform(0, height - box_h)
             return (left, top, left + box_w, top + box_h)
-    return (0.0, 0.0, float(width), float(height))
+    low, high = augmentation.crop_ratio
+    box_w = min(float(width), height * high)
+    box_h = min(float(height), width / low)
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return (left, top, left + box_w, top + box_h)
 
 
 @ray.remote(num_cpus=0)

@@ -166,6 +166,31 @@ def test_random_augmentation_is_reproducible_from_the_generator() -> None:
     assert not np.array_equal(a, c)
 
 
+def test_a_crop_that_cannot_be_drawn_takes_the_centre_at_the_nearest_ratio() -> None:
+    """A 4:1 panorama has no crop of 90-100% of its area at 3:4-4:3: after the misses the crop is
+    its centre at 4:3 (torchvision's fallback), not the whole panorama squashed."""
+    panorama = np.zeros((100, 400, 3), np.uint8)
+    panorama[:, :120] = (255, 0, 0)
+    panorama[:, 120:280] = (0, 255, 0)  # holds the 133-pixel-wide centre crop
+    panorama[:, 280:] = (0, 0, 255)
+    aug = Augmentation(crop_scale=(0.9, 1.0), hflip=False)
+    tokens = image_to_tokens(
+        encode(panorama), config(), augmentation=aug, rng=np.random.default_rng(0)
+    )
+    pixels = tokens.reshape(-1, 3).astype(int)
+    assert (pixels[:, 1] > 200).all() and (pixels[:, [0, 2]] < 50).all()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"crop_scale": (0.0, 1.0)}, {"crop_scale": (0.5, 1.5)}, {"crop_scale": (0.9, 0.5)},
+     {"crop_ratio": (0.0, 1.0)}, {"crop_ratio": (2.0, 1.0)}],
+)  # fmt: skip
+def test_crop_settings_that_cannot_work_are_refused(settings: dict) -> None:
+    with pytest.raises(ValueError, match="crop_"):
+        Augmentation(**settings)
+
+
 def test_each_pass_over_a_batch_draws_new_augmentations() -> None:
     """The same rows in a later epoch get other crops: augmentation is not frozen per image."""
     batch = {
