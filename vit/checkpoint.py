@@ -107,10 +107,15 @@ def read_metadata(path: str | os.PathLike[str]) -> CheckpointMetadata:
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{file} has format version {version!r}, expected {FORMAT_VERSION}")
+    if not isinstance(data.get("config"), dict):
+        raise CheckpointError(f"{file} holds no model config (a JSON object under 'config')")
     try:
         config = ViTConfig.from_dict(data["config"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, TypeError, ValueError) as error:  # AttributeError: preprocessing
         raise CheckpointError(f"{file} holds an invalid model config: {error}") from None
+    provenance = data.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"{file}: provenance must be a JSON object")
     names = data.get("class_names")
     if names and (
         not isinstance(names, list)
@@ -120,7 +125,7 @@ def read_metadata(path: str | os.PathLike[str]) -> CheckpointMetadata:
         raise CheckpointError(
             f"{file}: class_names must be {config.num_classes} strings, one per output class"
         )
-    return CheckpointMetadata(config, tuple(names) if names else None, data.get("provenance", {}))
+    return CheckpointMetadata(config, tuple(names) if names else None, provenance)
 
 
 def load(

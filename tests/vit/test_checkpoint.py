@@ -108,6 +108,9 @@ def _edit_metadata(directory: Path, **fields: object) -> None:
             lambda d: (d / "vit.json").write_text('{"format_version": 1, "config": {"depht": 1}}'),
             "invalid model config.*depht",
         ),
+        (lambda d: _edit_metadata(d, config=[]), "holds no model config"),
+        (lambda d: _edit_metadata(d, config={"preprocessing": "none"}), "invalid model config"),
+        (lambda d: _edit_metadata(d, provenance=["run"]), "provenance must be a JSON object"),
         (
             lambda d: _edit_metadata(d, class_names=["only one"]),
             "class_names must be 3 strings",
