@@ -167,14 +167,15 @@ class Sweep:
         meta = vit_checkpoint.read_metadata(checkpoint)
         pretrain_run = str(meta.provenance.get("mlflow_run_id", ""))
         kind = "scratch" if self.config.from_scratch else "finetune"
+        origin = _origin(self.config.from_scratch)
         run_id = tracking.start_run(
             f"{self.config.sweep_name}-{kind}",
             experiment=self.config.experiment,
             parent_run_id=self.parent_run_id,
             tags={
                 "vitray_stage": kind,
-                "vitray_pretrain_run": pretrain_run,
-                "vitray_pretrain_checkpoint": self.config.checkpoint,
+                f"vitray_{origin}_run": pretrain_run,
+                f"vitray_{origin}_checkpoint": self.config.checkpoint,
             },
             uri=self.uri,
         )
@@ -270,7 +271,11 @@ def _tune_dataset(
         f"{kind}-{dataset}",
         experiment=config.experiment,
         parent_run_id=sweep_run,
-        tags={"vitray_stage": kind, "vitray_dataset": dataset, "vitray_pretrain_run": pretrain_run},
+        tags={
+            "vitray_stage": kind,
+            "vitray_dataset": dataset,
+            f"vitray_{_origin(config.from_scratch)}_run": pretrain_run,
+        },
         uri=uri,
     )
     with tracking.ending(dataset_run, uri):
@@ -287,7 +292,8 @@ def _tune_dataset(
             )
         # tune.with_parameters stores these in the object store once for all the dataset's trials.
         data = {split: arrays for split, (arrays, _) in read.items()}
-        provenance = {"dataset": dataset, "stage": kind, "pretrain_run": pretrain_run}
+        origin = _origin(config.from_scratch)
+        provenance = {"dataset": dataset, "stage": kind, f"{origin}_run": pretrain_run}
         if not config.from_scratch:
             provenance["pretrain_checkpoint"] = config.checkpoint
         trainable = tune.with_parameters(
@@ -403,6 +409,12 @@ def _tune_dataset(
         failed=len(failed),
         seconds=time.perf_counter() - start,
     )
+
+
+def _origin(from_scratch: bool) -> str:
+    """What a sweep takes from its checkpoint: the pretrained weights, or for the from-scratch
+    baseline only their architecture (its lineage must not claim pretraining)."""
+    return "architecture" if from_scratch else "pretrain"
 
 
 def registry_alias(mlflow: MlflowClient, name: str, data: str, dev_accuracy: float) -> str:

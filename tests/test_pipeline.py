@@ -212,6 +212,11 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
         assert run.data.tags["vitray_served_at"] == f"http://127.0.0.1:{serve_port}"
         figures = {a.path for a in mlflow.list_artifacts(champion.run_id, "figures")}
         assert figures == {"figures/confusion_matrix.png", "figures/test_predictions.png"}
+    scratch = [r for r in runs if r.data.tags.get("vitray_stage") == "scratch"]
+    assert len(scratch) == 1 + len(DATASETS)  # the sweep and its datasets
+    for run in scratch:  # the baseline takes only the architecture: no pretraining lineage
+        assert run.data.tags["vitray_architecture_run"] == pretrain.info.run_id
+        assert "vitray_pretrain_run" not in run.data.tags
     parent_artifacts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
     assert {"summary.json", "summary.md"} <= parent_artifacts
     [analyze] = [r for r in children if r.data.tags["vitray_stage"] == "analyze"]
