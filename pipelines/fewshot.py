@@ -122,7 +122,12 @@ def run_fewshot(
                 features[split] = extract_features(model, batches, device)
             except ValueError:  # no rows at all: name the unreadable images if that is why
                 check_bad_fraction(tracker, IngestConfig())
-                raise
+                if ray.get(tracker.summary.remote())["rows_read"]:
+                    raise
+                raise ValueError(
+                    f"{dataset}: the {split} split has no images; few-shot evaluation draws "
+                    "its shots from train and scores them on test"
+                ) from None
             check_bad_fraction(tracker, IngestConfig())
             bad += int(ray.get(tracker.summary.remote())["bad"])
         (train_x, train_y), (test_x, test_y) = features["train"], features["test"]

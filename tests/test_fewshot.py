@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from jobs import fewshot as fewshot_job
 from pipelines import tracking
@@ -144,6 +145,19 @@ def test_a_split_of_unreadable_images_is_refused_with_examples(
             (tmp_path / "unreadable" / label / f"{i}.png").write_bytes(b"not a png")
     with pytest.raises(DataQualityError, match=r"(\d+) of \1 images unreadable"):
         run_fewshot(tiny_checkpoint, str(tmp_path / "unreadable"), (1,), 1)
+
+
+def test_a_split_without_images_is_named(
+    ray_local: None, tiny_checkpoint: Path, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """A folder whose declared test split holds no image at all."""
+    for label in ("a", "b"):
+        (tmp_path / "set" / "train" / label).mkdir(parents=True)
+        (tmp_path / "set" / "test" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "set" / "train" / label / f"{i}.png")
+    with pytest.raises(ValueError, match="set: the test split has no images"):
+        run_fewshot(tiny_checkpoint, str(tmp_path / "set"), (1,), 1, dev_per_class=0)
 
 
 def test_the_job_says_which_shot_counts_the_data_could_not_fill(
