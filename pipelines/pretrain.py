@@ -47,6 +47,7 @@ from pipelines.parallel import Strategy, unwrap
 from pipelines.training import (
     Decay,
     autocast,
+    clip_gradients,
     count_correct,
     parameter_groups,
     storage_uri,
@@ -108,6 +109,21 @@ class PretrainConfig:
         wrong = [name for name in positive if getattr(self, name) < 1]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} must be at least 1")
+        # Each would train silently wrong (a clip at 0 zeroes every gradient, below 0 flips
+        # them; a zero rate never moves) or fail only in the workers, after Ray's retries.
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.grad_clip > 0:
+            raise ValueError(
+                f"grad_clip must be positive (float('inf') turns clipping off), "
+                f"got {self.grad_clip}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         parallel.check_strategy(self.strategy)
 
 
@@ -452,8 +468,10 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 loss = loss_fn(model(batch["tokens"]), batch["label"]) / accumulation
                 loss.backward()
             total_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update used
+        grad_norm = clip_gradients(
+            model, config.grad_clip, step=state["step"] + 1, learning_rate=learning_rate
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -474,7 +492,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 {
                     "train/loss": loss_value,
                     "train/lr": learning_rate,
-                    "train/grad_norm": float(grad_norm),
+                    "train/grad_norm": grad_norm,
                     "train/images_per_s": images_per_s,
                     "train/step_time_s": time.perf_counter() - step_start,
                     "train/global_batch": global_batch,

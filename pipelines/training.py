@@ -82,6 +82,24 @@ def warmup_then_decay(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def clip_gradients(model: nn.Module, max_norm: float, *, step: int, learning_rate: float) -> float:
+    """Clip the gradients to global norm `max_norm`; their norm before clipping.
+
+    A NaN or infinite norm raises FloatingPointError before any update: clipping would scale
+    every gradient by NaN, the weights would all become NaN, and the checkpoints written after
+    it would replace the last good ones. Under DDP and FSDP the norm is global, so every worker
+    raises at the same step.
+    """
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if not math.isfinite(norm):
+        raise FloatingPointError(
+            f"the gradient norm became {norm} at step {step} (lr {learning_rate:.3g}): the loss "
+            "diverged or a batch held non-finite values; try a lower learning rate or a longer "
+            "warmup"
+        )
+    return norm
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 on CUDA (no loss scaling needed), plain fp32 on CPU where bf16 is slow."""
     if device.type == "cuda":
