@@ -22,13 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", help="model name (default: the server's default)")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, help="predictions to show (default: the server's)")
     parser.add_argument("--token", default=os.environ.get("VITRAY_API_TOKEN"))
     parser.add_argument("--timeout", type=float, default=60)
     args = parser.parse_args(argv)
     token = (args.token or "").strip()  # a token file's newline is not part of it
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    params: dict[str, str | int] = {"top_k": args.top_k}
+    url = args.url.rstrip("/")
+    params: dict[str, str | int] = {}
+    if args.top_k is not None:
+        params["top_k"] = args.top_k
     if args.model:
         params["model"] = args.model
         # Serve routes a request carrying this header to a replica that has the model loaded.
@@ -38,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         try:
             response = requests.post(
-                f"{args.url}/v1/predict",
+                f"{url}/v1/predict",
                 data=path.read_bytes(),
                 params=params,
                 headers={**headers, "Content-Type": content_type},
                 timeout=args.timeout,
             )
-        except (OSError, requests.RequestException) as error:
+        # ValueError: a header (--model, --token) that HTTP cannot carry, being beyond Latin-1.
+        except (OSError, ValueError, requests.RequestException) as error:
             print(f"{path}: {error}", file=sys.stderr)
             failed = True
             continue
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 def _table(path: Path, body: dict) -> str:
     """The top-k table of one answer."""
     model = body["model"]
-    lines = [f"{path}  ({model['name']} v{model['version']}, {body['latency_ms']} ms)"]
+    # A model served straight from a checkpoint directory has no registry version.
+    version = f" v{model['version']}" if model["version"] is not None else ""
+    lines = [f"{path}  ({model['name']}{version}, {body['latency_ms']} ms)"]
     for rank, prediction in enumerate(body["predictions"], 1):
         lines.append(f"  {rank}. {prediction['label']:<24} {prediction['score']:.4f}")
     return "\n".join(lines)

@@ -46,6 +46,7 @@ MODEL_CACHE_ENV = "VITRAY_MODEL_CACHE"
 REGISTRY_PREFIX = "models:/"
 APP_NAME = "vitray"  # the Serve application (see `undeploy`)
 MODELS_PER_REPLICA = 4  # LRU cache of loaded models per replica (Serve multiplexing)
+DEFAULT_TOP_K = 5  # or every class of a model with fewer
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ def model_cache_dir() -> Path:
     return directory
 
 
-def _error(status: int, reason: str) -> HTTPException:
-    return HTTPException(status_code=status, detail=reason)
+def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> HTTPException:
+    return HTTPException(status_code=status, detail=reason, headers=headers)
 
 
 @serve.deployment
@@ -259,10 +260,14 @@ class ViTService:
         with torch.inference_mode():
             return loaded.model(batch).float().softmax(-1).cpu().numpy()
 
-    def _check_top_k(self, loaded: LoadedModel, top_k: int) -> None:
+    def _top_k_option(self, loaded: LoadedModel, options: dict[str, Any]) -> int:
+        """The request's `top_k`, checked against the model; by default `DEFAULT_TOP_K`, or every
+        class of a model with fewer (a two-class model must answer a request that names none)."""
         limit = min(self.config.max_top_k, len(loaded.class_names))
+        top_k = self._int_option(options, "top_k", min(DEFAULT_TOP_K, limit))
         if not 1 <= top_k <= limit:
             raise _error(422, f"top_k must be between 1 and {limit}, got {top_k}")
+        return top_k
 
     async def _tokenize(self, loaded: LoadedModel, images: list[bytes]) -> list[np.ndarray]:
         """Decode every image with the checkpoint's preprocessing, or 422 naming the bad one.
@@ -347,7 +352,7 @@ class ViTService:
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         supplied = credentials.strip() if scheme.lower() == "bearer" else ""  # RFC 7235: any case
         if not hmac.compare_digest(supplied.encode(), self.token.encode()):
-            raise _error(401, "missing or wrong bearer token")
+            raise _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     async def _body(self, request: Request) -> bytes:
         """The body, read under the size limit: refused on its declared length when it has one,
@@ -461,8 +466,7 @@ class ViTService:
         if len(images) != 1:
             raise _error(400, "send one image to /v1/predict; use /v1/predict/batch for several")
         loaded = await self._model_for(self._str_option(options, "model"))
-        top_k = self._int_option(options, "top_k", 5)
-        self._check_top_k(loaded, top_k)
+        top_k = self._top_k_option(loaded, options)
         with_attention = self._bool_option(options, "attention")
         start = time.perf_counter()
         tokens = await self._tokenize(loaded, images)
@@ -485,9 +489,10 @@ class ViTService:
             raise _error(
                 413, f"{len(images)} images exceed the limit of {self.config.max_batch_images}"
             )
+        if self._bool_option(options, "attention"):  # asked for, it must not silently go missing
+            raise _error(422, "attention maps come from /v1/predict, one image per request")
         loaded = await self._model_for(self._str_option(options, "model"))
-        top_k = self._int_option(options, "top_k", 5)
-        self._check_top_k(loaded, top_k)
+        top_k = self._top_k_option(loaded, options)
         results = await self._predict(loaded, await self._tokenize(loaded, images), top_k)
         return JSONResponse(
             {"results": [{"predictions": p} for p in results], "model": self._identity(loaded)}

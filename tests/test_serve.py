@@ -323,7 +323,9 @@ def test_a_token_protects_predictions_and_stats(
     serve.run(build_app(secured), name="vitray-token", route_prefix="/secure")
     try:
         image = dict(data=real_images()[0], headers={"Content-Type": "image/jpeg"})
-        assert post(f"{url}/secure/v1/predict", **image).status_code == 401
+        refused = post(f"{url}/secure/v1/predict", **image)
+        assert refused.status_code == 401
+        assert refused.headers["WWW-Authenticate"] == "Bearer"  # RFC 6750: names the scheme
         wrong = {"Authorization": "Bearer nope", "Content-Type": "image/jpeg"}
         assert (
             post(f"{url}/secure/v1/predict", data=image["data"], headers=wrong).status_code == 401
@@ -463,3 +465,84 @@ def test_the_model_cache_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("VITRAY_MODEL_CACHE", str(foreign))
         with pytest.raises(PermissionError, match="belongs to another user"):
             model_cache_dir()
+
+
+def test_the_default_top_k_fits_a_model_with_fewer_classes(endpoint: tuple[str, Path]) -> None:
+    """A request without top_k gets every class of a three-class model, not a 422."""
+    url, tmp = endpoint
+    config = ViTConfig(image_size=8, patch_size=2, num_classes=3, width=32, depth=2,
+                       mlp_dim=64, num_heads=2)  # fmt: skip
+    vit_checkpoint.save(VisionTransformer(config), tmp / "three", class_names=["a", "b", "c"])
+    models = {"vit-three": str(tmp / "three")}
+    three = replace(SERVE_CONFIG, models=models, default_model="vit-three", num_cpus=0)
+    serve.run(build_app(three), name="vitray-three", route_prefix="/three")
+    try:
+        image = dict(data=real_images()[0], headers={"Content-Type": "image/jpeg"})
+        response = post(f"{url}/three/v1/predict", **image)
+        assert response.status_code == 200, response.text
+        assert sorted(p["label"] for p in response.json()["predictions"]) == ["a", "b", "c"]
+        assert post(f"{url}/three/v1/predict", params={"top_k": 4}, **image).status_code == 422
+    finally:
+        serve.delete("vitray-three")
+
+
+@pytest.mark.parametrize("value", ["true", "maybe"])
+def test_the_batch_route_refuses_attention_instead_of_ignoring_it(
+    endpoint: tuple[str, Path], value: str
+) -> None:
+    url, _ = endpoint
+    response = post(
+        f"{url}/v1/predict/batch",
+        data=real_images()[0],
+        headers={"Content-Type": "image/jpeg"},
+        params={"attention": value},
+    )
+    assert response.status_code == 422, response.text
+    assert "attention" in response.json()["detail"]
+
+
+class FakeResponse:
+    def __init__(self, status: int, body: object) -> None:
+        self.status_code = status
+        self._body = body
+        self.text = json.dumps(body)
+
+    def json(self) -> object:
+        return self._body
+
+
+def test_query_client_request_and_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trailing slash on --url still reaches /v1/predict; top_k is the server's default
+    unless given; a model served from a checkpoint directory has no registry version."""
+    sent: list[tuple[str, dict]] = []
+    answer = {
+        "model": {"name": "my-vit", "version": None, "run_id": None, "dataset": None},
+        "predictions": [{"label": "cat", "index": 0, "score": 0.75}],
+        "latency_ms": 1.5,
+    }
+
+    def fake_post(url: str, **kwargs: object) -> FakeResponse:
+        sent.append((url, dict(kwargs["params"])))  # type: ignore[call-overload]
+        return FakeResponse(200, answer)
+
+    monkeypatch.setattr(query.requests, "post", fake_post)
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"jpeg")
+    assert query.main([str(image), "--url", "http://127.0.0.1:8000/"]) == 0
+    assert sent == [("http://127.0.0.1:8000/v1/predict", {})]
+    out = capsys.readouterr().out
+    assert "(my-vit, 1.5 ms)" in out and "None" not in out
+    assert query.main([str(image), "--top-k", "3"]) == 0
+    assert sent[-1][1] == {"top_k": 3}
+
+
+def test_query_client_reports_a_model_name_it_cannot_send(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HTTP headers carry Latin-1 only: a reason and exit 1, not a traceback."""
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"jpeg")
+    assert query.main([str(image), "--url", "http://127.0.0.1:9", "--model", "модель"]) == 1
+    assert "photo.jpg" in capsys.readouterr().err
