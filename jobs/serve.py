@@ -45,14 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("name at least one model with --datasets or --model")
     if args.detach and args.address is None:
         parser.error("--detach needs a cluster (--address): a local Ray ends with this process")
+    try:
+        config = ServeConfig(
+            models=models,
+            default_model=next(iter(models)),
+            host=args.host,
+            port=args.port,
+            max_batch_size=args.max_batch_size,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     local_ray = connect(args.address)
-    config = ServeConfig(
-        models=models,
-        default_model=next(iter(models)),
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-    )
     url = deploy(config)
     print(f"[serve] {url}/v1/predict serving {sorted(models)}; API docs at {url}/docs", flush=True)
     if args.detach:

@@ -72,6 +72,27 @@ class ServeConfig:
     max_top_k: int = 20
     max_batch_images: int = 32
 
+    def __post_init__(self) -> None:
+        """Refused here, not as a replica that fails to start inside Serve."""
+        counts = (
+            "port", "max_batch_size", "max_ongoing_requests", "min_replicas", "max_replicas",
+            "target_ongoing_requests", "max_body_bytes", "max_image_pixels", "max_top_k",
+            "max_batch_images",
+        )  # fmt: skip
+        wrong = [name for name in counts if getattr(self, name) < 1]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} must be at least 1")
+        if self.batch_wait_timeout_s < 0 or self.num_cpus < 0:
+            raise ValueError("batch_wait_timeout_s and num_cpus must be 0 or more")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.num_replicas != "auto" and not (
+            isinstance(self.num_replicas, int) and self.num_replicas >= 1
+        ):
+            raise ValueError(
+                f"num_replicas must be 'auto' or at least 1, got {self.num_replicas!r}"
+            )
+
 
 @dataclass
 class LoadedModel:

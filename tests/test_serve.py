@@ -430,6 +430,21 @@ def test_a_model_whose_checkpoint_vanished_gets_a_503_with_the_reason(
 
 
 @pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be at least 1"),
+        ({"max_top_k": -1}, "max_top_k must be at least 1"),
+        ({"batch_wait_timeout_s": -0.1}, "batch_wait_timeout_s"),
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas 3 > max_replicas 2"),
+        ({"num_replicas": 0}, "num_replicas must be 'auto' or at least 1"),
+    ],
+)
+def test_settings_that_cannot_serve_are_refused_up_front(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServeConfig(**settings)
+
+
+@pytest.mark.parametrize(
     ("reference", "error", "message"),
     [
         ("no-such-checkpoint", vit_checkpoint.CheckpointError, r"vit\.json is missing"),
