@@ -267,6 +267,7 @@ def _tune_dataset(
     info = describe(dataset)
     model_config = _model_config(pretrained, config, len(info.class_names))
     kind = "scratch" if config.from_scratch else "finetune"
+    origin = _origin(config.from_scratch)
     dataset_run = tracking.start_run(
         f"{kind}-{dataset}",
         experiment=config.experiment,
@@ -274,7 +275,7 @@ def _tune_dataset(
         tags={
             "vitray_stage": kind,
             "vitray_dataset": dataset,
-            f"vitray_{_origin(config.from_scratch)}_run": pretrain_run,
+            f"vitray_{origin}_run": pretrain_run,
         },
         uri=uri,
     )
@@ -292,7 +293,6 @@ def _tune_dataset(
             )
         # tune.with_parameters stores these in the object store once for all the dataset's trials.
         data = {split: arrays for split, (arrays, _) in read.items()}
-        origin = _origin(config.from_scratch)
         provenance = {"dataset": dataset, "stage": kind, f"{origin}_run": pretrain_run}
         if not config.from_scratch:
             provenance["pretrain_checkpoint"] = config.checkpoint
