@@ -5,7 +5,8 @@
 
 A run is named by its config's `run_name`. Starting a run whose name already has checkpoints is
 refused unless `--resume` says to continue it, so a finished or crashed run is never silently
-overwritten nor silently continued. A resume keeps the settings the run learns with (see
+overwritten nor silently continued; `--resume` of a name with no checkpoint (a typo) is refused
+too, naming the runs that have some. A resume keeps the settings the run learns with (see
 `pretrain.RESUMABLE_SETTINGS` for those it may change).
 """
 
@@ -25,14 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run of this name")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.smoke, args.set)
-    connect(args.address)
-    if pretrain.has_checkpoints(config) and not args.resume:
-        print(
+    resumable = pretrain.has_checkpoints(config)
+    if resumable and not args.resume:
+        parser.error(
             f"run {config.run_name!r} already has checkpoints under {config.storage_path}; "
-            "pass --resume to continue it or --set run_name=NEW for a new run",
-            file=sys.stderr,
+            "pass --resume to continue it or --set run_name=NEW for a new run"
         )
-        return 2
+    if args.resume and not resumable:  # a misspelt name would otherwise start from step 0
+        others = ", ".join(pretrain.checkpointed_runs(config)) or "none"
+        parser.error(
+            f"run {config.run_name!r} has no checkpoint under {config.storage_path} to resume "
+            f"(runs with checkpoints there: {others})"
+        )
+    connect(args.address)
     result = pretrain.run(config)
     print(f"[pretrain] done: checkpoint {result.checkpoint_path}")
     print(f"[pretrain] MLflow run {result.run_id}; metrics {dataclasses.asdict(result)['metrics']}")

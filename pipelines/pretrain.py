@@ -8,7 +8,8 @@ worker count that does not divide it, the nearest larger batch that does; see `s
 Checkpoints hold the `vit` checkpoint directory plus `train_state.pt` (optimizer, scheduler, step,
 samples seen), whole and keyed by parameter name under either strategy (see `parallel`). Ray
 Train restarts the worker group from the latest one after a failure (`max_failures`), and a rerun
-with the same `run_name` and `storage_path` resumes it.
+with the same `run_name` and `storage_path` resumes it. A divergence (a non-finite gradient norm)
+ends the run at once instead: from the same checkpoint it would diverge again.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class PretrainConfig:
         parallel.check_strategy(self.strategy)
 
 
+# The MLflow tag in which rank 0 records why the run diverged; `run` raises its message.
+DIVERGED_TAG = "vitray_diverged"
+
 # What a resumed run may change: where and how wide it runs, not what it learns. (A changed
 # limit on unreadable images applies to the reads of every invocation, see `run`.)
 RESUMABLE_SETTINGS = frozenset(
@@ -173,7 +177,7 @@ def run(
         read_dataset(config.dataset, "dev"), model_config, ingest=config.ingest, tracker=tracker
     )
     uri = tracking.tracking_uri()
-    latest = _latest_checkpoint(config, fs, storage)
+    latest = _latest_checkpoint(config.run_name, fs, storage)
     train = _train_rows(config, model_config, tracker, latest)
     run_id = _find_or_start_run(config, uri, parent_run_id, latest, fs, storage)
     loop_config = {
@@ -219,6 +223,9 @@ def run(
             mlflow.log_metric(run_id, key, value)
         if errors["samples"]:
             mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
+        diverged = mlflow.get_run(run_id).data.tags.get(DIVERGED_TAG)
+        if diverged is not None:
+            raise FloatingPointError(diverged)
         # The streaming check judges a large corpus early; this one judges every row read, so a
         # small dataset with too many unreadable images is not passed on as a model.
         judge_bad_fraction(
@@ -277,10 +284,24 @@ def _storage(config: PretrainConfig, filesystem: Any) -> tuple[pafs.FileSystem, 
 def has_checkpoints(config: PretrainConfig, storage_filesystem: Any = None) -> bool:
     """Whether Ray Train holds a checkpoint of this run name: a rerun of it resumes from there."""
     fs, root = _storage(config, storage_filesystem)
-    return _latest_checkpoint(config, fs, root) is not None
+    return _latest_checkpoint(config.run_name, fs, root) is not None
 
 
-def _latest_checkpoint(config: PretrainConfig, fs: pafs.FileSystem, root: str) -> dict | None:
+def checkpointed_runs(config: PretrainConfig, storage_filesystem: Any = None) -> list[str]:
+    """The run names under the config's storage path that hold a checkpoint, sorted."""
+    fs, root = _storage(config, storage_filesystem)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    folders = fs.get_file_info(pafs.FileSelector(root))
+    return sorted(
+        folder.base_name
+        for folder in folders
+        if folder.type == pafs.FileType.Directory
+        and _latest_checkpoint(folder.base_name, fs, root) is not None
+    )
+
+
+def _latest_checkpoint(run_name: str, fs: pafs.FileSystem, root: str) -> dict | None:
     """Ray Train's record of the run's latest checkpoint (folder name, metrics), or None.
 
     A checkpoint folder alone does not count. Ray registers a checkpoint when its controller takes
@@ -288,7 +309,7 @@ def _latest_checkpoint(config: PretrainConfig, fs: pafs.FileSystem, root: str) -
     ones: those in the run's snapshot file. Ray rewrites that file in place, so a read that
     catches it half-written reads it again.
     """
-    path = f"{root}/{config.run_name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    path = f"{root}/{run_name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
     for _ in range(50):
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
@@ -329,6 +350,8 @@ def _find_or_start_run(
             run = mlflow.get_run(run_id) if run_id else None
         if run is not None and run.info.lifecycle_stage == "active":  # not deleted in the UI
             mlflow.update_run(run_id, status="RUNNING")  # it ended FAILED or KILLED
+            if DIVERGED_TAG in run.data.tags:  # an earlier invocation's reason, not this one's
+                mlflow.delete_tag(run_id, DIVERGED_TAG)
             return run_id
     run_id = tracking.start_run(
         config.run_name,
@@ -469,9 +492,19 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 loss.backward()
             total_loss += loss.detach()
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update used
-        grad_norm = clip_gradients(
-            model, config.grad_clip, step=state["step"] + 1, learning_rate=learning_rate
-        )
+        try:
+            grad_norm = clip_gradients(
+                model, config.grad_clip, step=state["step"] + 1, learning_rate=learning_rate
+            )
+        except FloatingPointError as error:
+            # Raised here, Ray Train would restart the workers from the last checkpoint, which
+            # diverges again, `max_failures` times over. Every rank gets here at the same step
+            # (the norm is global) and ends; the driver raises the reason once (see `run`).
+            if rank == 0:
+                tracking.client(loop_config["tracking_uri"]).set_tag(
+                    loop_config["run_id"], DIVERGED_TAG, str(error)
+                )
+            return
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from ray.train import TrainingFailedError
 if TYPE_CHECKING:
     from conftest import S3Server
 
+from jobs import pretrain as pretrain_job
 from pipelines import pretrain, tracking
 from pipelines.ingest import Augmentation, DataQualityError, IngestConfig
 from pipelines.pretrain import PretrainConfig
@@ -214,6 +216,40 @@ def test_a_failed_run_ends_failed_in_mlflow(cluster: Cluster, tmp_path: Path) ->
         filter_string="tags.vitray_run_name = 'too-small'",
     )
     assert run.info.status == "FAILED"
+
+
+def test_a_diverging_run_fails_once_naming_the_step_and_is_not_retried(
+    cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rate of 1e30 sends the weights past float32 at the first update, the gradients to NaN
+    at the second; retried from its checkpoint of step 1, it would diverge again."""
+    config = tiny_config(
+        tmp_path, "diverging", learning_rate=1e30, warmup_steps=0, checkpoint_every=1
+    )
+    with pytest.raises(FloatingPointError, match=r"gradient norm became nan at step 2 \(lr "):
+        pretrain.run(config)
+    (run,) = tracking.client().search_runs(
+        [tracking.experiment_id(config.experiment)],
+        filter_string="tags.vitray_run_name = 'diverging'",
+    )
+    assert run.info.status == "FAILED"
+    assert run.data.tags[pretrain.DIVERGED_TAG].startswith("the gradient norm became nan")
+    assert logged_steps(run.info.run_id, "train/lr") == []  # no attempt reached step 5
+
+    # The job refuses to start the name afresh, and to "resume" a name that has no checkpoint.
+    demo = Path(__file__).resolve().parents[1] / "configs" / "pretrain_demo.py"
+    job = ["--config", str(demo), "--set", f"storage_path={tmp_path / 'train'}"]
+    for argv, message in [
+        ([*job, "--set", "run_name=diverging"], "'diverging' already has checkpoints"),
+        (
+            [*job, "--set", "run_name=divergin", "--resume"],
+            "'divergin' has no checkpoint under .* \\(runs with checkpoints there: diverging\\)",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_job.main(argv)
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_a_run_on_too_many_unreadable_images_ends_failed_naming_them(
