@@ -198,7 +198,8 @@ def format_table(outcomes: list[DatasetOutcome]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
-        registered = f"v{o.model_version} @{o.alias}" if o.model_version else "-"
+        name = tracking.registered_model_name(o.dataset)
+        registered = f"{name} v{o.model_version} @{o.alias}" if o.model_version else "-"
         rows.append(
             f"| {o.dataset} | {o.dev_accuracy:.4f} | {o.test_accuracy:.4f} | {o.learning_rate} | "
             f"{o.trials} | {o.stopped_early} | {o.failed} | {o.seconds:.0f} | {registered} |"
@@ -285,12 +286,6 @@ def _tune_dataset(
             for split in SELECTION_SPLITS
         }
         register = config.register and not config.from_scratch
-        if register and any(c in dataset for c in "/:"):
-            # MLflow's own refusal would come only after every trial had trained.
-            raise ValueError(
-                f"{dataset!r} cannot be registered as 'vit-{dataset}': MLflow model names "
-                "cannot contain '/' or ':'; tune it with register=False"
-            )
         # tune.with_parameters stores these in the object store once for all the dataset's trials.
         data = {split: arrays for split, (arrays, _) in read.items()}
         provenance = {"dataset": dataset, "stage": kind, f"{origin}_run": pretrain_run}
@@ -380,9 +375,10 @@ def _tune_dataset(
         version, alias = None, None
         if register:
             data = fingerprint(dataset)
-            alias = registry_alias(mlflow, f"vit-{dataset}", data, dev_accuracy)
+            name = tracking.registered_model_name(dataset)
+            alias = registry_alias(mlflow, name, data, dev_accuracy)
             version = tracking.register_model(
-                f"vit-{dataset}",
+                name,
                 dataset_run,
                 "checkpoint",
                 tags={
@@ -394,7 +390,7 @@ def _tune_dataset(
                 alias=alias,
                 uri=uri,
             )
-            mlflow.set_tag(dataset_run, "vitray_registered", f"vit-{dataset} v{version} @{alias}")
+            mlflow.set_tag(dataset_run, "vitray_registered", f"{name} v{version} @{alias}")
     return DatasetOutcome(
         dataset=dataset,
         dev_accuracy=dev_accuracy,

@@ -251,10 +251,10 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
     banner("serve")
     # The versions this run registered, not whatever `@champion` names by now: a reused sweep's
     # alias may since have moved to another run's model.
-    models = {
-        f"vit-{o['dataset']}": f"models:/vit-{o['dataset']}/{o['model_version']}"
-        for o in transferred
-    }
+    models = {}
+    for outcome in transferred:
+        name = tracking.registered_model_name(outcome["dataset"])
+        models[name] = f"models:/{name}/{outcome['model_version']}"
     url = deploy(
         ServeConfig(
             models=models,
@@ -318,7 +318,7 @@ def _smoke_query(url: str, dataset: str) -> dict[str, Any]:
     response = requests.post(
         f"{url}/v1/predict",
         data=buffer.getvalue(),
-        params={"model": f"vit-{dataset}", "top_k": 3},
+        params={"model": tracking.registered_model_name(dataset), "top_k": 3},
         headers={"Content-Type": "image/jpeg"},
         timeout=120,
     )
@@ -351,7 +351,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {dataset} | {shot(accuracy, 10)} | {shot(accuracy, 25)} | "
             f"{outcome['test_accuracy']:.4f} | {baseline} | "
-            f"vit-{dataset} v{outcome['model_version']} @{outcome.get('alias', 'champion')} |"
+            f"{tracking.registered_model_name(dataset)} v{outcome['model_version']} "
+            f"@{outcome.get('alias', 'champion')} |"
         )
     reply = summary["smoke_query"]
     top = reply["predictions"][0]

@@ -605,4 +605,5 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 def champions(datasets: list[str]) -> dict[str, str]:
     """Model table serving each dataset's registered champion."""
-    return {f"vit-{d}": f"models:/vit-{d}@champion" for d in datasets}
+    names = [tracking.registered_model_name(d) for d in datasets]
+    return {name: f"models:/{name}@champion" for name in names}

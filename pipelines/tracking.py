@@ -154,6 +154,21 @@ class MetricLog:
         self.last_logged = step
 
 
+def registered_model_name(dataset: str) -> str:
+    """`vit-<dataset>`: the registry name of the models fine-tuned on `dataset`.
+
+    MLflow names cannot hold '/' or ':', so a folder or URI is named by its last part:
+    `/data/flowers`, `./flowers` and `s3://bucket/flowers/` all register as `vit-flowers`. A
+    refreshed copy of a dataset is then the next version of the same model; `@champion` moves to
+    it only on the rule of `finetune.registry_alias`, and each version's `vitray_dataset` tag
+    keeps the whole path.
+    """
+    path = dataset.rstrip("/")
+    if "://" not in path:  # "." and "data/.." name the folder they mean
+        path = os.path.abspath(path)
+    return "vit-" + path.rsplit("/", 1)[-1].replace(":", "-")
+
+
 def register_model(
     name: str,
     run_id: str,

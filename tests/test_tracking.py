@@ -31,3 +31,26 @@ def test_a_run_ends_with_the_status_of_its_block(
         if error is not None:
             raise error
     assert tracking.client(uri).get_run(run_id).info.status == status
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name"),
+    [
+        ("digits", "vit-digits"),
+        ("/data/flowers", "vit-flowers"),
+        ("/data/flowers/", "vit-flowers"),
+        ("s3://bucket/shards/flowers", "vit-flowers"),
+        ("gs://bucket", "vit-bucket"),
+        ("/data/run:3", "vit-run-3"),
+    ],
+)
+def test_registered_model_names_hold_no_slash_or_colon(dataset: str, name: str) -> None:
+    assert tracking.registered_model_name(dataset) == name
+
+
+def test_a_relative_folder_is_named_by_the_folder_it_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert tracking.registered_model_name(".") == f"vit-{tmp_path.name}"
+    assert tracking.registered_model_name("./pets/..") == f"vit-{tmp_path.name}"
