@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from conftest import SERVE_TEST_ENV
 from mlflow.tracking import MlflowClient
 
-from jobs.common import HIGH_THROUGHPUT_ENV, load_config
+from jobs.common import load_config
 from pipelines import tracking
 from pipelines.pipeline import keyed_pretrain, local_checkpoint, prepared_location
 from vit import VisionTransformer, ViTConfig
@@ -126,7 +127,7 @@ def cluster() -> Iterator[Cluster]:
         # Ray 2.60 authenticates cluster RPCs with a token: every node and the CLI share one.
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        **HIGH_THROUGHPUT_ENV,  # as cluster.yaml starts its nodes
+        **SERVE_TEST_ENV,  # as cluster.yaml starts its nodes, save a shorter drain
         # HAProxy outlives a killed node: with its files under root, teardown finds it too.
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{root}/haproxy/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{root}/haproxy/admin.sock",
