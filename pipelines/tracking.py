@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -55,15 +57,32 @@ def client(uri: str | None = None) -> MlflowClient:
 
 
 def experiment_id(name: str = DEFAULT_EXPERIMENT, uri: str | None = None) -> str:
-    """Get or create an experiment; locally its artifacts go to runs/mlartifacts."""
+    """Get or create an experiment; with SQLite its artifacts go to `mlartifacts` beside the
+    database (runs/mlartifacts for the default one)."""
     mlflow = client(uri)
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
     location = None
-    if (uri or tracking_uri()).startswith("sqlite:"):
-        location = (RUNS_DIR / "mlartifacts" / name).resolve().as_uri()
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:"):
+        # A Databricks-style name ("/Users/me/vit") is no absolute path: joined as one, it
+        # would put the artifacts at /Users/me/vit, outside the store (or fail to create it).
+        location = (_sqlite_artifact_root(uri) / name.lstrip("/")).resolve().as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
+
+
+def _sqlite_artifact_root(uri: str) -> Path:
+    """`mlartifacts` beside the database file of a `sqlite:///PATH` URI.
+
+    Not under the working directory: an experiment keeps its artifact location for good, and
+    the directory of the first process to log (the temporary copy `ray job submit` runs in, a
+    trial's folder) may not outlive it while the database does. In memory: runs/mlartifacts.
+    """
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not uri.startswith("sqlite:///") or database in ("", ":memory:"):
+        return RUNS_DIR / "mlartifacts"
+    return Path(database).resolve().parent / "mlartifacts"
 
 
 def start_run(
@@ -179,7 +198,13 @@ def register_model(
 ) -> str:
     """Register a run's artifact folder as a new version of `name` and point `alias` at it."""
     mlflow = client(uri)
-    if not mlflow.search_registered_models(filter_string=f"name = '{name}'"):
+    # Looked up by name, not with a search filter: a name holding a quote (a dataset folder
+    # "bob's pets", `--register "bob's"`) breaks the filter string's syntax.
+    try:
+        mlflow.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
         mlflow.create_registered_model(name)
     source = f"{mlflow.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags)

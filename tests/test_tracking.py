@@ -54,3 +54,44 @@ def test_a_relative_folder_is_named_by_the_folder_it_means(
     monkeypatch.chdir(tmp_path)
     assert tracking.registered_model_name(".") == f"vit-{tmp_path.name}"
     assert tracking.registered_model_name("./pets/..") == f"vit-{tmp_path.name}"
+
+
+@pytest.mark.parametrize("name", ["vit-flowers", "vit-bob's pets"])
+def test_registering_twice_makes_a_second_version(tmp_path: Path, name: str) -> None:
+    """A quote in the name (from a dataset folder or --register) used to break the lookup."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run("stage", uri=uri)
+    first = tracking.register_model(name, run_id, "checkpoint", {}, "champion", uri)
+    second = tracking.register_model(name, run_id, "checkpoint", {"k": "v"}, "champion", uri)
+    assert (str(first), str(second)) == ("1", "2")
+    version = tracking.client(uri).get_model_version_by_alias(name, "champion")
+    assert str(version.version) == "2" and version.tags == {"k": "v"}
+
+
+def test_artifacts_go_beside_the_database_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver's working directory may be a temporary copy (`ray job submit`): the experiment
+    would keep pointing there after it is deleted, while the database lives on."""
+    store, elsewhere = tmp_path / "store", tmp_path / "job-copy"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    experiment = tracking.client(uri).get_experiment(tracking.experiment_id("vitray", uri))
+    assert experiment.artifact_location == (store / "mlartifacts" / "vitray").as_uri()
+
+
+def test_a_databricks_style_experiment_name_stays_in_the_store(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.client(uri).get_experiment(tracking.experiment_id("/Users/me/vit", uri))
+    assert experiment.artifact_location == (tmp_path / "mlartifacts/Users/me/vit").as_uri()
+
+
+def test_the_default_store_keeps_its_artifacts_under_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment = tracking.client().get_experiment(tracking.experiment_id("vitray"))
+    assert experiment.artifact_location == (tmp_path / "runs/mlartifacts/vitray").as_uri()
