@@ -121,8 +121,14 @@ def attention_rollout(images: np.ndarray, maps: np.ndarray) -> Figure:
         cmap = "gray" if image.shape[-1] == 1 else None
         axes[0, column].imshow(picture, cmap=cmap)
         axes[1, column].imshow(picture, cmap=cmap)
+        # imshow puts pixel centres on integers, so the image spans -0.5 .. size - 0.5; the map
+        # must cover that same span, or it sits half a pixel off and crops the image's edge.
         axes[1, column].imshow(
-            heat, cmap="inferno", alpha=0.6, extent=(0, width, height, 0), interpolation="bilinear"
+            heat,
+            cmap="inferno",
+            alpha=0.6,
+            extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+            interpolation="bilinear",
         )
         for axis in axes[:, column]:
             axis.axis("off")

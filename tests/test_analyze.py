@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from jobs import analyze as analyze_job
-from pipelines import tracking
+from pipelines import figures, tracking
 from pipelines.datasets import DIGIT_CLASSES
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
@@ -71,3 +73,16 @@ def test_unknown_dataset_fails_before_logging(
     with pytest.raises(Exception, match="no-such-dataset"):
         analyze_job.main(["--checkpoint", str(checkpoint_dir), "--dataset", "no-such-dataset"])
     assert not tracking.client(uri).search_experiments(filter_string="name = 'vitray'")
+
+
+def test_rollout_map_covers_exactly_its_image() -> None:
+    """The upsampled map spans the image's own extent: no half-pixel shift, no cropped edge."""
+    images = np.zeros((2, 8, 12, 1), dtype=np.uint8)
+    figure = figures.attention_rollout(images, np.random.default_rng(0).random((2, 4, 6)))
+    try:
+        for axis in figure.axes:
+            extents = [tuple(image.get_extent()) for image in axis.get_images()]
+            assert extents and all(extent == extents[0] for extent in extents)
+            assert (axis.get_xlim(), axis.get_ylim()) == ((-0.5, 11.5), (7.5, -0.5))
+    finally:
+        plt.close(figure)
