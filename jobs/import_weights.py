@@ -152,6 +152,11 @@ def convert(args: argparse.Namespace) -> tuple[VisionTransformer, Path]:
             options["layer_norm_eps"] = hf_config.get("layer_norm_eps", 1e-12)
             options["grid_size"] = options["grid_size"] or hf_grid(hf_config)
         path = hf_weights(path)
+    if path.is_dir():  # "no such file" would send the user looking for a path that exists
+        raise SystemExit(
+            f"cannot import {path}: a directory (only --from hf reads a model directory); "
+            "give the weights file in it"
+        )
     if not path.is_file():
         raise SystemExit(f"cannot import {path}: no such file")
     if args.layer_norm_eps is not None:

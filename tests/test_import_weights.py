@@ -73,7 +73,7 @@ def test_provenance_says_how_to_redo_the_position_resampling(
 
 @pytest.fixture
 def mlflow_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A tracking store of the test's own; the runs' artifacts go under its ./runs."""
+    """A tracking store of the test's own, run from its folder; artifacts go beside the store."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
@@ -217,3 +217,15 @@ def test_a_failed_import_ends_its_run_failed(
     mlflow = tracking.client(uri)
     [run] = mlflow.search_runs([tracking.experiment_id(tracking.DEFAULT_EXPERIMENT, uri)])
     assert run.info.status == "FAILED"
+
+
+def test_a_directory_is_not_called_missing(tmp_path: Path) -> None:
+    """timm's Hub downloads are folders: say to pick the file in it, not that nothing is there."""
+    folder = tmp_path / "vit_base_patch16_224"
+    folder.mkdir()
+    argv = ["--from", "timm", str(folder), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="a directory") as error:
+        import_weights.main(argv)
+    assert "no such file" not in str(error.value)
+    with pytest.raises(SystemExit, match="no such file"):
+        import_weights.main(["--from", "timm", str(tmp_path / "gone.pth"), *argv[3:]])
