@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from ray.exceptions import RayTaskError
+
 from jobs.common import connect
 from pipelines.datasets import SplitFractions
 from pipelines.prepare import PrepareConfig, prepare
@@ -29,6 +31,15 @@ def _fractions(dev: float | None, test: float | None) -> SplitFractions | None:
     return SplitFractions(
         dev=default.dev if dev is None else dev, test=default.test if test is None else test
     )
+
+
+def _reason(err: BaseException) -> BaseException:
+    """The error to report: a Ray task's own (a Parquet source's label -1, raised while Ray Data
+    reads it) rather than the ``RayTaskError`` around it, whose text is the worker's whole
+    traceback with terminal colour codes, not one line naming the bad row."""
+    while isinstance(err, RayTaskError) and err.cause is not None:
+        err = err.cause
+    return err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = prepare(config)
     except (FileNotFoundError, ValueError) as err:
-        print(f"prepare: error: {err}", file=sys.stderr)
+        print(f"prepare: error: {_reason(err)}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(result)))
     return 0

@@ -109,8 +109,11 @@ def prepared_location(data_dir: str, source: str) -> str:
     """
     if source in CATALOG:
         name = source
-    else:  # one folder per location, however it is spelled (relative, trailing slash)
-        where = source.rstrip("/") if "://" in source else str(Path(source).resolve())
+    else:  # one folder per location, however it is spelled (relative, trailing slash, ~)
+        # `~` expanded as prepare reads it (sources.resolve_uri); unexpanded, it resolved below
+        # the working directory, so each directory gave the source another folder (and
+        # pretraining, keyed by that folder, another run).
+        where = source.rstrip("/") if "://" in source else str(Path(source).expanduser().resolve())
         digest = hashlib.sha256(where.encode()).hexdigest()[:8]
         name = f"{PurePosixPath(where).name or 'source'}-{digest}"
     if "://" in data_dir:

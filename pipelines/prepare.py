@@ -254,6 +254,7 @@ def prepare(
     ds = ds.map_batches(_with_key_hash, batch_format="pyarrow").sort(["split", "order", "key"])
     ds = ds.drop_columns(["order"])
     ds.context.execution_options.preserve_order = True  # shard contents follow the sort order
+    created = fs.get_file_info(root).type == pafs.FileType.NotFound
     fs.create_dir(root, recursive=True)
     writer = _ShardWriter(fs, root, config.rows_per_shard, info.num_classes)
     for batch in ds.iter_batches(batch_size=config.rows_per_shard, batch_format="pyarrow"):
@@ -265,6 +266,8 @@ def prepare(
         for name in writer.written:  # keep the output as it was: the old manifest stays valid
             fs.delete_file(f"{root}/{name}")
         _remove_tmp(fs, root)
+        if created and not fs.get_file_info(pafs.FileSelector(root)):
+            fs.delete_dir(root)  # nor an empty folder where there was none (a first run)
         raise
 
     data = {

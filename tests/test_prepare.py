@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -238,3 +239,47 @@ def test_cli_reports_a_bad_fraction_as_a_usage_error(
         prepare_job.main(["digits", str(tmp_path / "out"), option, "1.5"])
     assert exit_info.value.code == 2
     assert "split fractions must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_cli_reports_a_bad_label_read_by_a_ray_task_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hugging Face marks unlabelled rows -1; the read fails inside a Ray task, and the CLI
+    must name the row, not print the worker's traceback wrapped in a RayTaskError."""
+    source = tmp_path / "hf"
+    source.mkdir()
+    images = [b"\x89PNG" + bytes([i]) for i in range(6)]
+    pq.write_table(pa.table({"image": images, "label": [0, 1, 0, 1, -1, 1]}), source / "d.parquet")
+    assert prepare_job.main([str(source), str(tmp_path / "out")]) == 2
+    errors = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare: error:")
+    ]
+    assert len(errors) == 1
+    assert "'d.parquet#4' has label -1" in errors[0] and "ray::" not in errors[0]
+
+
+def test_a_refused_first_run_leaves_no_output_folder(tmp_path: Path) -> None:
+    """Refused, a run keeps the output as it was; for a first run, that is no folder at all."""
+    for name in ("cat", "dog"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        (tmp_path / "photos" / name / "0.heic").write_bytes(b"\0" * 10)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ValueError, match="no images"):
+        prepare(PrepareConfig(str(tmp_path / "photos"), str(out)))
+    assert not out.exists()
+
+
+def test_a_source_under_the_home_folder_is_prepared_in_one_folder_however_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~/photos` is read by prepare as $HOME/photos: it is one location, so one folder, from
+    any working directory."""
+    from pipelines.pipeline import prepared_location
+
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = str(tmp_path / "data")
+    expected = prepared_location(data, str(tmp_path / "home" / "photos"))
+    for cwd in (tmp_path, tmp_path / "home"):
+        monkeypatch.chdir(cwd)
+        assert prepared_location(data, "~/photos") == expected
