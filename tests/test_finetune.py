@@ -358,6 +358,11 @@ def test_a_higher_fine_tuning_resolution_scales_the_evaluation_resize() -> None:
         ({"learning_rates": (0.01, 0.0)}, "learning rates must be positive"),
         ({"warmup_steps": -1}, "warmup_steps must be 0 or more"),
         ({"reduction_factor": 1}, "reduction_factor must be at least 2"),
+        ({"datasets": ()}, "at least one dataset"),
+        (
+            {"datasets": ("/a/flowers", "s3://b/flowers/")},
+            "'/a/flowers' and 's3://b/flowers/' would both register as 'vit-flowers'",
+        ),
     ],
 )
 def test_settings_that_cannot_work_are_refused_when_the_sweep_is_made(
@@ -367,6 +372,12 @@ def test_settings_that_cannot_work_are_refused_when_the_sweep_is_made(
     a division by zero after the data is read, or a sweep reported as interrupted."""
     with pytest.raises(ValueError, match=message):
         FinetuneConfig(checkpoint="-", **setting)
+
+
+def test_datasets_sharing_a_model_name_may_be_tuned_when_nothing_is_registered() -> None:
+    datasets = ("/a/flowers", "/b/flowers")
+    FinetuneConfig(checkpoint="-", datasets=datasets, register=False)
+    FinetuneConfig(checkpoint="-", datasets=datasets, from_scratch=True)
 
 
 @pytest.mark.usefixtures("ray_local")
