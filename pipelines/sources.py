@@ -564,6 +564,7 @@ class ParquetSource:
 
     def info(self) -> DatasetInfo:
         """From the manifest where it says; else from the first images' headers."""
+        class_names = self.class_names()  # first: it names a source without rows
         channels = self.manifest.get("num_channels")
         if channels is None:
             with self.fs.open_input_file(f"{self.root}/{self.files[0][0]}") as f:
@@ -571,7 +572,7 @@ class ParquetSource:
             channels = image_channels(_image_bytes(first.column(0)).to_pylist())
         counts = self.manifest.get("counts")
         sizes = {s: sum(c.values()) for s, c in counts.items()} if counts else None
-        return DatasetInfo(self.name, self.class_names(), channels, sizes)
+        return DatasetInfo(self.name, class_names, channels, sizes)
 
     def class_names(self) -> tuple[str, ...]:
         """Manifest names, else Hugging Face ``ClassLabel`` names, else derived from the labels
@@ -584,6 +585,8 @@ class ParquetSource:
             with self.fs.open_input_file(f"{self.root}/{rel}") as f:
                 labels.append(pq.read_table(f, columns=["label"]).column(0))
         values = pa.chunked_array(labels)
+        if values.null_count == len(values):  # nothing to count classes from (int: max is None)
+            raise ValueError(f"{self.root}: no labelled rows to derive class names from")
         if pa.types.is_integer(values.type):
             return tuple(str(i) for i in range(pc.max(values).as_py() + 1))
         return tuple(sorted(pc.unique(values).to_pylist()))

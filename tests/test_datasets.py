@@ -264,6 +264,14 @@ def test_keyless_hugging_face_parquet(tmp_path: Path) -> None:
     assert set(rows(read_dataset(source, "dev"))) == {"data.parquet#8", "data.parquet#9"}
 
 
+@pytest.mark.parametrize("label_type", [pa.int64(), pa.string()])
+def test_parquet_without_rows_is_refused_by_name(tmp_path: Path, label_type: pa.DataType) -> None:
+    table = pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], label_type)})
+    pq.write_table(table, tmp_path / "data.parquet")
+    with pytest.raises(ValueError, match="no labelled rows to derive class names from"):
+        describe(str(tmp_path))
+
+
 def test_parquet_without_a_dev_split_gets_one_from_its_train_rows(tmp_path: Path) -> None:
     """Hugging Face sets often declare train and test only; dev is carved from train."""
     table = pa.table(
