@@ -102,8 +102,6 @@ class FinetuneConfig:
             raise ValueError("the search needs at least one learning rate")
         if min(self.learning_rates) <= 0:
             raise ValueError(f"learning rates must be positive, got {self.learning_rates}")
-        if not self.datasets:
-            raise ValueError("name at least one dataset to fine-tune on")
         if self.register and not self.from_scratch:  # `/a/flowers`, `/b/flowers`: one model
             first_of: dict[str, str] = {}
             for dataset in self.datasets:

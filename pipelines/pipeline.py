@@ -50,6 +50,12 @@ class PipelineConfig:
     name: str = "demo"
     experiment: str = tracking.DEFAULT_EXPERIMENT
 
+    def __post_init__(self) -> None:
+        """Refused here, not at the serve stage after pretraining: it serves the fine-tuned
+        models."""
+        if not self.finetune.datasets:
+            raise ValueError("name at least one dataset in finetune.datasets")
+
 
 class StageCache:
     """Finished stages and the hash of their inputs, kept in a JSON file between runs.

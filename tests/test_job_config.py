@@ -42,6 +42,7 @@ def test_dotted_keys_reach_nested_fields_and_values_are_literals() -> None:
         ("pretrain.steps.deeper=1", "int has no field 'deeper'"),
         ("pretrain.steps=ten", "pretrain.steps expects int, got 'ten'"),
         ("pretrain.model.grid_size=(2,2)", "no field 'grid_size'"),  # a property, not a field
+        ("finetune.datasets=()", "name at least one dataset in finetune.datasets"),
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
