@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
+from mlflow.entities import Run
 from ray.cluster_utils import Cluster
 from ray.train import TrainingFailedError
 
@@ -92,6 +93,15 @@ def schedule_rates(config: PretrainConfig) -> list[float]:
 
 def logged_steps(run_id: str, key: str = "train/loss") -> list[int]:
     return [m.step for m in tracking.client().get_metric_history(run_id, key)]
+
+
+def mlflow_run(config: PretrainConfig) -> Run:
+    """The one MLflow run of the config's run name."""
+    (run,) = tracking.client().search_runs(
+        [tracking.experiment_id(config.experiment)],
+        filter_string=f"tags.vitray_run_name = '{config.run_name}'",
+    )
+    return run
 
 
 def run_in_background(config: PretrainConfig) -> tuple[threading.Thread, dict]:
@@ -211,10 +221,7 @@ def test_a_failed_run_ends_failed_in_mlflow(cluster: Cluster, tmp_path: Path) ->
     )
     with pytest.raises(TrainingFailedError):
         pretrain.run(config)
-    (run,) = tracking.client().search_runs(
-        [tracking.experiment_id(config.experiment)],
-        filter_string="tags.vitray_run_name = 'too-small'",
-    )
+    run = mlflow_run(config)
     assert run.info.status == "FAILED"
 
 
@@ -228,10 +235,7 @@ def test_a_diverging_run_fails_once_naming_the_step_and_is_not_retried(
     )
     with pytest.raises(FloatingPointError, match=r"gradient norm became nan at step 2 \(lr "):
         pretrain.run(config)
-    (run,) = tracking.client().search_runs(
-        [tracking.experiment_id(config.experiment)],
-        filter_string="tags.vitray_run_name = 'diverging'",
-    )
+    run = mlflow_run(config)
     assert run.info.status == "FAILED"
     assert run.data.tags[pretrain.DIVERGED_TAG].startswith("the gradient norm became nan")
     assert logged_steps(run.info.run_id, "train/lr") == []  # no attempt reached step 5
@@ -270,10 +274,7 @@ def test_a_run_on_too_many_unreadable_images_ends_failed_naming_them(
     )
     with pytest.raises(DataQualityError, match=r"\d of \d+ images unreadable \("):
         pretrain.run(config)
-    (run,) = tracking.client().search_runs(
-        [tracking.experiment_id(config.experiment)],
-        filter_string="tags.vitray_run_name = 'broken'",
-    )
+    run = mlflow_run(config)
     assert run.info.status == "FAILED"
     assert run.data.metrics["data/bad_images"] >= 1  # of the rows its 2 steps read
     assert pretrain.has_checkpoints(config)  # what it trained is kept
@@ -301,10 +302,7 @@ def test_a_setting_ray_refuses_ends_the_run_failed(cluster: Cluster, tmp_path: P
     config = tiny_config(tmp_path, "refused", num_workers=(2, 1))
     with pytest.raises(ValueError, match="min_workers=2 must be <= max_workers=1"):
         pretrain.run(config)
-    (run,) = tracking.client().search_runs(
-        [tracking.experiment_id(config.experiment)],
-        filter_string="tags.vitray_run_name = 'refused'",
-    )
+    run = mlflow_run(config)
     assert run.info.status == "FAILED"  # not RUNNING for ever
 
 
