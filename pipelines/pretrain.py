@@ -212,9 +212,10 @@ def run(
         result = trainer.fit()
         errors = ray.get(tracker.summary.remote())
         mlflow = tracking.client(uri)
+        record = mlflow.get_run(run_id).data  # as the workers left it
         # The reads add up over the invocations that trained this run: a resume reads only what
         # is left, and a run that already ran every step reads nothing.
-        earlier = mlflow.get_run(run_id).data.metrics
+        earlier = record.metrics
         reads = {
             "data/rows_read": int(earlier.get("data/rows_read", 0)) + errors["rows_read"],
             "data/bad_reads": int(earlier.get("data/bad_reads", 0)) + errors["bad_reads"],
@@ -223,7 +224,7 @@ def run(
             mlflow.log_metric(run_id, key, value)
         if errors["samples"]:
             mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
-        diverged = mlflow.get_run(run_id).data.tags.get(DIVERGED_TAG)
+        diverged = record.tags.get(DIVERGED_TAG)
         if diverged is not None:
             raise FloatingPointError(diverged)
         # The streaming check judges a large corpus early; this one judges every row read, so a
