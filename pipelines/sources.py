@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -455,12 +456,16 @@ class FolderSource:
         return {s: pc.sum(pc.equal(splits, s)).as_py() or 0 for s in SPLITS}
 
     def fingerprint(self) -> str:
-        """Digest of every file's path, size and mtime: changes whenever the tree does."""
-        return _listing_digest(
+        """Digest of the class folders and every file's path, size and mtime: changes whenever
+        the tree does. The folders count even when empty: one added renumbers the labels of
+        the classes sorted after it."""
+        folders = ((f"{d}/", label, None) for d, label, _ in self.dirs)
+        files = (
             (f"{d}/{rel}", size, mtime)
             for d, _, _ in self.dirs
             for rel, size, mtime in self._files(d)
         )
+        return _listing_digest(itertools.chain(folders, files))
 
     def read(self, split: str | None, fractions: SplitFractions) -> ray.data.Dataset:
         """Ray tasks read the files of ``split`` alone, in blocks of ``_files_per_block`` files.

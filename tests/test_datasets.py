@@ -24,6 +24,7 @@ from pipelines.datasets import (
     DatasetNotInstalledError,
     SplitFractions,
     describe,
+    fingerprint,
     read_dataset,
 )
 from pipelines.ingest import IngestConfig, image_to_tokens, to_tokens
@@ -165,6 +166,20 @@ def test_hidden_files_are_skipped_at_any_depth_and_camera_names_kept(tmp_path: P
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(png.getvalue())
     assert set(rows(read_dataset(str(tmp_path)))) == set(images)
+
+
+def test_folder_fingerprint_follows_files_and_class_folders(tmp_path: Path) -> None:
+    """An empty class folder counts: it renumbers the labels of the classes sorted after it."""
+    for rel in ("cat/a.png", "dog/b.png"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    before = fingerprint(str(tmp_path))
+    assert fingerprint(str(tmp_path)) == before
+    (tmp_path / "cow").mkdir()
+    with_cow = fingerprint(str(tmp_path))
+    assert describe(str(tmp_path)).class_names == ("cat", "cow", "dog") and with_cow != before
+    (tmp_path / "dog/c.png").write_bytes(b"x")
+    assert fingerprint(str(tmp_path)) not in (before, with_cow)
 
 
 def test_split_folders_beside_other_folders_are_refused(tmp_path: Path) -> None:
