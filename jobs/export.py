@@ -3,7 +3,8 @@
     python -m jobs.export --checkpoint runs/imported/b16 --onnx b16.onnx
     python -m jobs.export --checkpoint runs/imported/b16 --onnx b16.onnx --uint8 --program b16.pt2
 
-The ONNX graph is checked against the eager model through onnxruntime before the job succeeds.
+The ONNX graph is checked against the eager model through onnxruntime before the job succeeds;
+a graph that fails the check is deleted, so nothing unverified is left to deploy.
 A checkpoint whose logits do not depend on the image (the zero-initialised head that
 `jobs.import_weights --num-classes N` gives) fails that check, since equal zeros prove nothing:
 fine-tune it first, or import with --num-classes 0 to export the features. With --uint8 the graph
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,12 +49,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             error = check_onnx_parity(model, path, example_input(model, 3, dtype), args.atol)
         except ExportError as failure:
-            raise SystemExit(f"[export] {path} failed its check against eager: {failure}") from None
+            _remove_onnx(path)
+            raise SystemExit(
+                f"[export] {path} failed its check against eager and was deleted: {failure}"
+            ) from None
         print(f"[export] {path}: onnxruntime matches eager to {error:.1e}")
     if args.program:
         torch.export.save(export_program(model, example_input(model, 2, dtype)), args.program)
         print(f"[export] {args.program}: torch.export program")
     return 0
+
+
+def _remove_onnx(path: Path) -> None:
+    """Delete an ONNX file and the weights file the exporter writes beside large models."""
+    for file in (path, path.with_name(f"{path.name}.data")):
+        file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

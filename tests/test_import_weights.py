@@ -105,6 +105,7 @@ def test_import_registers_in_mlflow_and_exports(
     # to call that parity. With a random head the comparison covers the normalisation and encoder.
     with pytest.raises(SystemExit, match="zero-initialised"):
         export_job.main(["--checkpoint", str(out), "--onnx", str(tmp_path / "zero.onnx")])
+    assert not (tmp_path / "zero.onnx").exists()  # an unverified graph is not left to deploy
     torch.nn.init.normal_(model.head.weight)
     random_head = tmp_path / "random-head"
     checkpoint.save(model, random_head, class_names=meta.class_names)
