@@ -574,7 +574,8 @@ class ParquetSource:
         if channels is None:
             with self.fs.open_input_file(f"{self.root}/{self.files[0][0]}") as f:
                 first = next(pq.ParquetFile(f).iter_batches(batch_size=5, columns=["image"]))
-            channels = image_channels(_image_bytes(first.column(0)).to_pylist())
+            where = f"{self.root}/{self.files[0][0]}"
+            channels = image_channels(_image_bytes(first.column(0), where).to_pylist())
         counts = self.manifest.get("counts")
         sizes = {s: sum(c.values()) for s, c in counts.items()} if counts else None
         return DatasetInfo(self.name, class_names, channels, sizes)
@@ -657,9 +658,27 @@ class ParquetSource:
         return named | frozenset(split_names(values, self.name))
 
 
-def _image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """Binary image column, unwrapping Hugging Face's ``struct<bytes, path>`` image feature."""
-    return pc.struct_field(column, "bytes") if pa.types.is_struct(column.type) else column
+def _image_bytes(column: pa.Array | pa.ChunkedArray, where: str) -> pa.Array | pa.ChunkedArray:
+    """Binary image column, unwrapping Hugging Face's ``struct<bytes, path>`` image feature.
+
+    A struct with a path but no bytes refers to a file outside the Parquet data (how Hugging
+    Face keeps local images it has not embedded). It is refused, naming the path, rather than
+    read as an empty image: every such row would be counted bad, for a reason that is not
+    the image's.
+    """
+    if not pa.types.is_struct(column.type):
+        return column
+    images = pc.struct_field(column, "bytes")
+    if column.type.get_field_index("path") >= 0:
+        paths = pc.struct_field(column, "path")
+        by_path = pc.and_(pc.is_null(images), pc.is_valid(paths))
+        if pc.any(by_path).as_py():
+            first = paths.filter(by_path)[0].as_py()
+            raise ValueError(
+                f"{where}: images stored as paths without their bytes (first: {first!r}); "
+                "write the image bytes into the Parquet data"
+            )
+    return images
 
 
 def _parquet_rows(
@@ -707,4 +726,5 @@ def _parquet_rows(
             else:
                 declared = [file_split or "train"] * rb.num_rows
             splits = assign_splits(keys, declared, missing, fractions)
-            yield _rows(keys, _image_bytes(rb.column("image")), labels, splits, keep)
+            images = _image_bytes(rb.column("image"), f"{root}/{rel}")
+            yield _rows(keys, images, labels, splits, keep)

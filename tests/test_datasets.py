@@ -279,6 +279,16 @@ def test_keyless_hugging_face_parquet(tmp_path: Path) -> None:
     assert set(rows(read_dataset(source, "dev"))) == {"data.parquet#8", "data.parquet#9"}
 
 
+def test_hugging_face_images_stored_by_path_are_refused_naming_one(tmp_path: Path) -> None:
+    """Rows whose struct holds a path but no bytes: the images are elsewhere, not corrupt."""
+    images = [{"bytes": b"x", "path": "0.png"}] * 6 + [{"bytes": None, "path": "/photos/6.png"}]
+    table = pa.table({"image": pa.array(images), "label": [0, 1] * 3 + [0]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    assert describe(str(tmp_path)).class_names == ("0", "1")  # the first 5 images have bytes
+    with pytest.raises(ValueError, match=r"data.parquet: images stored as paths .*'/photos/6.png'"):
+        rows(read_dataset(str(tmp_path)))
+
+
 @pytest.mark.parametrize("label_type", [pa.int64(), pa.string()])
 def test_parquet_without_rows_is_refused_by_name(tmp_path: Path, label_type: pa.DataType) -> None:
     table = pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], label_type)})
