@@ -15,8 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from jobs.common import connect
-from pipelines.serve import REGISTRY_PREFIX, ServeConfig, champions, deploy, undeploy
+from pipelines.serve import (
+    REGISTRY_PREFIX,
+    ServeConfig,
+    champions,
+    check_reference,
+    deploy,
+    undeploy,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    # Checked before Ray starts: a mistyped path or a dataset without a champion is a one-line
+    # reason and exit 1, not a traceback once Ray and Serve have started.
+    for name, reference in models.items():
+        try:
+            check_reference(reference)
+        except (ValueError, OSError, MlflowException) as error:
+            raise SystemExit(f"[serve] cannot serve {name}: {error}") from None
     local_ray = connect(args.address)
-    url = deploy(config)
+    try:
+        url = deploy(config)
+    except ValueError as error:  # Serve on another host or port; VITRAY_API_TOKEN set but empty
+        raise SystemExit(f"[serve] {error}") from None
     print(f"[serve] {url}/v1/predict serving {sorted(models)}; API docs at {url}/docs", flush=True)
     if args.detach:
         return 0

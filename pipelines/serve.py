@@ -82,6 +82,14 @@ class ServeConfig:
         wrong = [name for name in counts if getattr(self, name) < 1]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} must be at least 1")
+        if self.port > 65535:
+            raise ValueError(f"port must be at most 65535, got {self.port}")
+        if self.default_model is not None and self.default_model not in self.models:
+            # Else every request that names no model gets a 404 from a healthy-looking endpoint.
+            raise ValueError(
+                f"default_model {self.default_model!r} is not one of the models "
+                f"{sorted(self.models)}"
+            )
         if self.batch_wait_timeout_s < 0 or self.num_cpus < 0:
             raise ValueError("batch_wait_timeout_s and num_cpus must be 0 or more")
         if self.min_replicas > self.max_replicas:
@@ -204,9 +212,10 @@ def api_token() -> str | None:
 def model_cache_dir() -> Path:
     """Where registry models are downloaded: `$VITRAY_MODEL_CACHE`, else a folder of this user's
     in the temp dir. Replicas trust what they find there, so it is made private to this user;
-    one that belongs to someone else is refused."""
+    one that belongs to someone else is refused. Set but empty counts as unset: as a path it
+    would be the working directory, filled with models and made private."""
     default = Path(tempfile.gettempdir()) / f"vitray-models-{os.getuid()}"
-    directory = Path(os.environ.get(MODEL_CACHE_ENV, default))
+    directory = Path(os.environ.get(MODEL_CACHE_ENV) or default)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if directory.stat().st_uid != os.getuid():
         raise PermissionError(
@@ -584,8 +593,20 @@ def build_app(config: ServeConfig) -> serve.Application:
 
 
 def deploy(config: ServeConfig) -> str:
-    """Start Serve's HTTP proxy where the config says and (re)deploy the app; returns its URL."""
+    """Start Serve's HTTP proxy where the config says and (re)deploy the app; returns its URL.
+
+    Raises ValueError, before touching any application, when Serve already runs in this Ray
+    cluster on another host or port: Serve keeps the ones it started with and would only log
+    that the new ones are ignored, so the URL returned would be wrong (and a loopback-only
+    request could end up listening on every interface).
+    """
     serve.start(http_options={"host": config.host, "port": config.port})
+    running = serve.context._get_global_client().http_config
+    if (running.host, running.port) != (config.host, config.port):
+        raise ValueError(
+            f"Serve already listens on {running.host}:{running.port} in this Ray cluster, not "
+            f"{config.host}:{config.port}: use those, or stop it first (`serve shutdown`)"
+        )
     serve.run(build_app(config), name=APP_NAME, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}"
 

@@ -26,12 +26,14 @@ from PIL import Image
 from ray import serve
 
 from jobs import query
+from jobs import serve as serve_job
 from pipelines import tracking
 from pipelines.ingest import image_to_tokens
 from pipelines.serve import (
     TOKEN_ENV,
     ServeConfig,
     build_app,
+    deploy,
     model_cache_dir,
     resolve_model,
 )
@@ -340,6 +342,15 @@ def test_a_token_protects_predictions_and_stats(
         serve.delete("vitray-token")
 
 
+def test_deploy_refuses_a_port_serve_does_not_listen_on(endpoint: tuple[str, Path]) -> None:
+    """Serve keeps the host and port it started with: another port is refused, not a URL that
+    points nowhere."""
+    url, _ = endpoint
+    port = url.rsplit(":", 1)[1]
+    with pytest.raises(ValueError, match=f"already listens on 127.0.0.1:{port}"):
+        deploy(replace(SERVE_CONFIG, port=free_port()))
+
+
 def test_a_cached_model_is_never_another_registry_s_same_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -437,6 +448,11 @@ def test_a_model_whose_checkpoint_vanished_gets_a_503_with_the_reason(
         ({"batch_wait_timeout_s": -0.1}, "batch_wait_timeout_s"),
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas 3 > max_replicas 2"),
         ({"num_replicas": 0}, "num_replicas must be 'auto' or at least 1"),
+        ({"port": 80000}, "port must be at most 65535"),
+        (
+            {"models": {"vit-tux": "models:/vit-tux@champion"}, "default_model": "vit-tuxx"},
+            r"default_model 'vit-tuxx' is not one of the models \['vit-tux'\]",
+        ),
     ],
 )
 def test_settings_that_cannot_serve_are_refused_up_front(settings: dict, message: str) -> None:
@@ -467,6 +483,20 @@ def test_a_bad_model_reference_is_refused_before_serve_sees_the_app(
         build_app(ServeConfig(models={"vit-x": reference}, default_model="vit-x"))
 
 
+def test_the_serve_job_refuses_a_bad_model_reference_with_the_reason(
+    ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped path or a dataset without a champion: exit 1 with the reason, no traceback."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for argv, reason in (
+        (["--model", f"vit-x={tmp_path / 'no-such-checkpoint'}"], "vit.json is missing"),
+        (["--datasets", "nothing-here"], "vit-nothing-here"),
+    ):
+        with pytest.raises(SystemExit, match=reason) as exit_:
+            serve_job.main(argv)
+        assert str(exit_.value).startswith("[serve] cannot serve")
+
+
 def test_the_model_cache_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replicas load what they find in the cache: nobody else may write there."""
     (tmp_path / "made-with-mkdir-p").mkdir(mode=0o755)
@@ -480,6 +510,17 @@ def test_the_model_cache_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("VITRAY_MODEL_CACHE", str(foreign))
         with pytest.raises(PermissionError, match="belongs to another user"):
             model_cache_dir()
+
+
+def test_an_empty_model_cache_setting_is_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`VITRAY_MODEL_CACHE=` means the default cache, not `.` (chmod 700, models dumped in it)."""
+    tmp_path.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VITRAY_MODEL_CACHE", "")
+    assert model_cache_dir().resolve() != tmp_path
+    assert tmp_path.stat().st_mode & 0o777 == 0o755
 
 
 def test_the_default_top_k_fits_a_model_with_fewer_classes(endpoint: tuple[str, Path]) -> None:
