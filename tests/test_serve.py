@@ -523,8 +523,12 @@ def test_an_empty_model_cache_setting_is_not_the_working_directory(
     assert tmp_path.stat().st_mode & 0o777 == 0o755
 
 
-def test_the_default_top_k_fits_a_model_with_fewer_classes(endpoint: tuple[str, Path]) -> None:
-    """A request without top_k gets every class of a three-class model, not a 422."""
+def test_the_default_top_k_fits_a_model_with_fewer_classes(
+    endpoint: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A request without top_k gets every class of a three-class model, not a 422. The client
+    leaves top_k to the server unless told, reaches /v1/predict through a URL with a trailing
+    slash, and shows no version for a model served from a checkpoint directory."""
     url, tmp = endpoint
     config = ViTConfig(image_size=8, patch_size=2, num_classes=3, width=32, depth=2,
                        mlp_dim=64, num_heads=2)  # fmt: skip
@@ -538,6 +542,12 @@ def test_the_default_top_k_fits_a_model_with_fewer_classes(endpoint: tuple[str, 
         assert response.status_code == 200, response.text
         assert sorted(p["label"] for p in response.json()["predictions"]) == ["a", "b", "c"]
         assert post(f"{url}/three/v1/predict", params={"top_k": 4}, **image).status_code == 422
+        photo = tmp_path / "photo.jpg"
+        photo.write_bytes(real_images()[0])
+        for top_k, rows in (([], 3), (["--top-k", "2"], 2)):
+            assert query.main([str(photo), "--url", f"{url}/three/", *top_k]) == 0
+            out = capsys.readouterr().out
+            assert "(vit-three, " in out and "None" not in out and out.count("\n  ") == rows
     finally:
         serve.delete("vitray-three")
 
@@ -555,43 +565,6 @@ def test_the_batch_route_refuses_attention_instead_of_ignoring_it(
     )
     assert response.status_code == 422, response.text
     assert "attention" in response.json()["detail"]
-
-
-class FakeResponse:
-    def __init__(self, status: int, body: object) -> None:
-        self.status_code = status
-        self._body = body
-        self.text = json.dumps(body)
-
-    def json(self) -> object:
-        return self._body
-
-
-def test_query_client_request_and_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A trailing slash on --url still reaches /v1/predict; top_k is the server's default
-    unless given; a model served from a checkpoint directory has no registry version."""
-    sent: list[tuple[str, dict]] = []
-    answer = {
-        "model": {"name": "my-vit", "version": None, "run_id": None, "dataset": None},
-        "predictions": [{"label": "cat", "index": 0, "score": 0.75}],
-        "latency_ms": 1.5,
-    }
-
-    def fake_post(url: str, **kwargs: object) -> FakeResponse:
-        sent.append((url, dict(kwargs["params"])))  # type: ignore[call-overload]
-        return FakeResponse(200, answer)
-
-    monkeypatch.setattr(query.requests, "post", fake_post)
-    image = tmp_path / "photo.jpg"
-    image.write_bytes(b"jpeg")
-    assert query.main([str(image), "--url", "http://127.0.0.1:8000/"]) == 0
-    assert sent == [("http://127.0.0.1:8000/v1/predict", {})]
-    out = capsys.readouterr().out
-    assert "(my-vit, 1.5 ms)" in out and "None" not in out
-    assert query.main([str(image), "--top-k", "3"]) == 0
-    assert sent[-1][1] == {"top_k": 3}
 
 
 def test_query_client_reports_a_model_name_it_cannot_send(
