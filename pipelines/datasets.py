@@ -49,6 +49,7 @@ __all__ = [
     "describe",
     "fingerprint",
     "read_dataset",
+    "split_sizes",
 ]
 
 # Debian packages install under /usr/share; without root, ``dpkg-deb -x pkg.deb DIR`` and set
@@ -335,6 +336,23 @@ def describe(source: str, filesystem: pafs.FileSystem | None = None) -> DatasetI
     ``source`` is a catalog name, a local path or a ``s3://`` / ``gs://`` URI (see read_dataset).
     """
     return _open(source, filesystem).info()
+
+
+def split_sizes(source: str, filesystem: pafs.FileSystem | None = None) -> dict[str, int] | None:
+    """Rows per split as ``read_dataset(source, split)`` yields them, where knowable without
+    reading any image: catalog sets, prepared shards (their manifest) and image folders (a
+    listing of their files). None for Parquet without a manifest, which only a read can count.
+
+    ``describe`` leaves folders out, since a listing of object storage costs requests a trainer
+    need not spend; a stage that thins a split to a row budget cannot do without them.
+    """
+    opened = _open(source, filesystem)
+    if isinstance(opened, FolderSource):
+        return opened.split_sizes(SplitFractions())
+    if isinstance(opened, ParquetSource):  # not `info()`: it may read every label column
+        counts = opened.manifest.get("counts")
+        return {s: sum(c.values()) for s, c in counts.items()} if counts else None
+    return dict(opened.info().split_sizes or {})
 
 
 def fingerprint(source: str, filesystem: pafs.FileSystem | None = None) -> str:

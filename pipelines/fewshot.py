@@ -25,7 +25,7 @@ import torch
 from mlflow.entities import Metric
 
 from pipelines import figures, tracking
-from pipelines.datasets import describe, read_dataset
+from pipelines.datasets import describe, read_dataset, split_sizes
 from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_tracker, to_tokens
 from pipelines.training import resolve_checkpoint
 from vit import checkpoint as vit_checkpoint
@@ -43,6 +43,23 @@ STAGE = "fewshot"
 
 def metric_name(shots: int, std: bool = False) -> str:
     return f"fewshot/{shots}shot_accuracy" + ("_std" if std else "")
+
+
+def shots_and_seeds(
+    shots: Sequence[int], seeds: int | Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """The shot counts and the seeds (a count means 0..n-1), or ValueError for ones no run can
+    use. Checked before any image is read (and by the pipeline before pretraining): past
+    featurisation they would fail as an empty ridge fit."""
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    shot_list = [int(k) for k in shots]
+    if not seed_list or not shot_list:
+        raise ValueError("need at least one seed and one shot count")
+    if min(shot_list) < 1:
+        raise ValueError(f"shot counts must be at least 1, got {shot_list}")
+    if min(seed_list) < 0:  # numpy's generators take no negative seed
+        raise ValueError(f"seeds must be 0 or more, got {seed_list}")
+    return shot_list, seed_list
 
 
 def run_fewshot(
@@ -65,18 +82,16 @@ def run_fewshot(
     ``seeds``: a count (seeds 0..n-1) or the seeds themselves. ``max_train_rows`` /
     ``max_test_rows`` cap the rows featurised per split by a hash of each row's key (the same
     rows on every run, classes kept in proportion); they apply where the split size is known
-    up front (catalog sets, prepared shards), and the train cap rises with the number of classes
-    (see ``_train_cap``). The dev set that picks the L2 strength is the
-    last ``dev_per_class`` train rows of each class (see ``vit.evaluate.fewshot_evaluate``).
+    up front (catalog sets, prepared shards, image folders; not Parquet without a manifest),
+    and the train cap rises with the number of classes (see ``_train_cap``). The dev set that
+    picks the L2 strength is the last ``dev_per_class`` train rows of each class (see
+    ``vit.evaluate.fewshot_evaluate``).
 
     Returns {"run_id", "accuracy": {shots: (mean, std)}, "metrics", "train_rows",
     "test_rows", "num_classes", "bad_images", "skipped_shots", "rarest_class_rows"}: a shot
     count the rarest class cannot fill (with its dev rows) is skipped, not evaluated.
     """
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    shot_list = [int(k) for k in shots]
-    if not seed_list or not shot_list:
-        raise ValueError("need at least one seed and one shot count")
+    shot_list, seed_list = shots_and_seeds(shots, seeds)
     if dev_per_class < 0:  # a negative count would slice away every dev row
         raise ValueError(f"dev_per_class must be 0 or more, got {dev_per_class}")
     for name, cap in (("max_train_rows", max_train_rows), ("max_test_rows", max_test_rows)):
@@ -112,7 +127,8 @@ def run_fewshot(
             "model": meta.config.to_dict(),
         }
         tracking.log_params(run_id, params, uri)
-        sizes = info.split_sizes or {}
+        # Image folders too: without their sizes the row caps would silently not apply.
+        sizes = info.split_sizes or split_sizes(dataset) or {}
         features, bad = {}, 0
         for split, cap in (("train", train_cap), ("test", max_test_rows)):
             tracker = start_error_tracker()  # one per split: each is judged on its own rows

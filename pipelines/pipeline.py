@@ -25,7 +25,7 @@ import requests
 from pipelines import finetune, pretrain, tracking
 from pipelines.analyze import run_analysis
 from pipelines.datasets import CATALOG, fingerprint
-from pipelines.fewshot import run_fewshot
+from pipelines.fewshot import run_fewshot, shots_and_seeds
 from pipelines.finetune import FinetuneConfig
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.pretrain import PretrainConfig
@@ -51,10 +51,11 @@ class PipelineConfig:
     experiment: str = tracking.DEFAULT_EXPERIMENT
 
     def __post_init__(self) -> None:
-        """Refused here, not at the serve stage after pretraining: it serves the fine-tuned
-        models."""
+        """Refused here, not after pretraining: no dataset to fine-tune (the serve stage serves
+        the fine-tuned models), or few-shot settings no run can use."""
         if not self.finetune.datasets:
             raise ValueError("name at least one dataset in finetune.datasets")
+        shots_and_seeds(self.fewshot_shots, self.fewshot_seeds)
 
 
 class StageCache:

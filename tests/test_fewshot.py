@@ -12,7 +12,7 @@ from PIL import Image
 
 from jobs import fewshot as fewshot_job
 from pipelines import tracking
-from pipelines.datasets import DIGIT_CLASSES, describe
+from pipelines.datasets import DIGIT_CLASSES, describe, split_sizes
 from pipelines.fewshot import _keep_by_key_hash, _train_cap, run_fewshot
 from pipelines.ingest import DataQualityError
 from pipelines.training import resolve_checkpoint
@@ -92,6 +92,27 @@ def test_row_cap_featurises_a_key_hash_subset(
     assert set(result["accuracy"]) == {5} and 0.0 < result["accuracy"][5][0] <= 1.0
 
 
+def test_row_cap_applies_to_an_image_folder(
+    ray_local: None, tiny_checkpoint: Path, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """A folder declares no split sizes; the cap must thin it all the same, not featurise
+    every image of an ImageNet-sized folder while the run's params say 100."""
+    digits = pytest.importorskip("sklearn.datasets").load_digits()
+    for label in range(10):
+        (tmp_path / "folder" / str(label)).mkdir(parents=True)
+        for i, image in enumerate(digits.images[digits.target == label][:30]):
+            pixels = (image * 255 / 16).round().astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "folder" / str(label) / f"{i}.png")
+    folder = str(tmp_path / "folder")
+    sizes = split_sizes(folder)
+    assert sizes is not None and sum(sizes.values()) == 300 and sizes["train"] > 180
+    result = run_fewshot(
+        tiny_checkpoint, folder, shots=(1,), seeds=1, max_train_rows=100, dev_per_class=2
+    )
+    assert 60 < result["train_rows"] < 140  # about 100 of the folder's train images
+    assert result["test_rows"] == sizes["test"]  # no test cap
+
+
 def test_checkpoint_resolution_and_key_hash_filter(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert resolve_checkpoint(tiny_checkpoint.parent) == tiny_checkpoint
     run = tmp_path / "run"  # a Ray Train run folder: its latest checkpoint
@@ -123,6 +144,27 @@ def test_impossible_options_are_refused_before_any_work(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         run_fewshot(tiny_checkpoint, "digits", (1,), 1, **option)
+    assert not tracking.client(mlflow_uri).search_experiments(filter_string="name = 'vitray'")
+
+
+@pytest.mark.parametrize(
+    ("shots", "seeds", "message"),
+    [
+        ((0, 5), 1, r"shot counts must be at least 1, got \[0, 5\]"),
+        ((5,), [0, -1], r"seeds must be 0 or more, got \[0, -1\]"),
+    ],
+)
+def test_impossible_shots_and_seeds_are_refused_before_any_work(
+    tiny_checkpoint: Path,
+    mlflow_uri: str,
+    shots: tuple[int, ...],
+    seeds: int | list[int],
+    message: str,
+) -> None:
+    """The pipeline passes its config's shots and seeds unchecked: a zero shot count or a
+    negative seed must not cost a featurisation and then fail as an empty ridge fit."""
+    with pytest.raises(ValueError, match=message):
+        run_fewshot(tiny_checkpoint, "digits", shots, seeds)
     assert not tracking.client(mlflow_uri).search_experiments(filter_string="name = 'vitray'")
 
 

@@ -43,6 +43,7 @@ def test_dotted_keys_reach_nested_fields_and_values_are_literals() -> None:
         ("pretrain.steps=ten", "pretrain.steps expects int, got 'ten'"),
         ("pretrain.model.grid_size=(2,2)", "no field 'grid_size'"),  # a property, not a field
         ("finetune.datasets=()", "name at least one dataset in finetune.datasets"),
+        ("fewshot_shots=(0,5)", r"shot counts must be at least 1, got \[0, 5\]"),
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
