@@ -10,7 +10,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import ray
 
@@ -21,15 +21,28 @@ import ray
 # A value already in the environment wins (`=0` brings back the Python proxy).
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
+Config = TypeVar("Config")
 
-def load_config(path: str, smoke: bool, overrides: list[str]) -> Any:
-    """Import a config file, call its `get_config(smoke)`, apply `key=value` overrides."""
+
+def load_config(path: str, smoke: bool, overrides: list[str], expected: type[Config]) -> Config:
+    """Import a config file, call its `get_config(smoke)`, apply `key=value` overrides.
+
+    A file that makes another job's config (`jobs.tune --config configs/pretrain_demo.py`) is
+    refused here, naming both types, not met as an AttributeError once Ray has started.
+    """
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load config file {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise SystemExit(f"config file {path} defines no get_config(smoke)")
     config = module.get_config(smoke=smoke)
+    if not isinstance(config, expected):
+        raise SystemExit(
+            f"config file {path} makes a {type(config).__name__}; this job takes a "
+            f"{expected.__name__}"
+        )
     for item in overrides:
         key, _, text = item.partition("=")
         config = _override(config, key.split("."), text, item)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C"
     )
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.smoke, args.set)
+    config = load_config(args.config, args.smoke, args.set, pipeline.PipelineConfig)
     local_ray = connect(args.address)
     start = time.perf_counter()
     summary = pipeline.run(config)

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_arguments(parser, config_required=True)
     parser.add_argument("--resume", action="store_true", help="continue the run of this name")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.smoke, args.set)
+    config = load_config(args.config, args.smoke, args.set, pretrain.PretrainConfig)
     resumable = pretrain.has_checkpoints(config)
     if resumable and not args.resume:
         parser.error(

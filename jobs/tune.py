@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "--scratch", action="store_true", help="train from random weights (the baseline)"
     )
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.smoke, args.set)
+    config = load_config(args.config, args.smoke, args.set, finetune.FinetuneConfig)
     if args.scratch:
         config = dataclasses.replace(config, from_scratch=True, register=False)
     connect(args.address)

@@ -8,11 +8,13 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import ray
 
 from jobs import pretrain as pretrain_job
 from jobs import serve as serve_job
 from jobs import tune as tune_job
 from jobs.common import add_common_arguments, load_config
+from pipelines.pipeline import PipelineConfig
 
 PIPELINE = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.py")
 
@@ -21,6 +23,7 @@ def test_dotted_keys_reach_nested_fields_and_values_are_literals() -> None:
     config = load_config(
         PIPELINE,
         smoke=True,
+        expected=PipelineConfig,
         overrides=[
             "pretrain.num_workers=2",
             "pretrain.extra_resources_per_worker={'trainer': 1}",
@@ -48,7 +51,7 @@ def test_dotted_keys_reach_nested_fields_and_values_are_literals() -> None:
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):
-        load_config(PIPELINE, smoke=True, overrides=[override])
+        load_config(PIPELINE, smoke=True, overrides=[override], expected=PipelineConfig)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +110,7 @@ def test_serve_job_makes_paths_absolute_and_keeps_registry_uris(
 def test_override_values_that_fit_the_field_type(
     override: str, field: str, expected: object
 ) -> None:
-    config = load_config(PIPELINE, smoke=True, overrides=[override])
+    config = load_config(PIPELINE, smoke=True, overrides=[override], expected=PipelineConfig)
     value = getattr(config.finetune, field)
     assert value == expected and type(value) is type(expected)
 
@@ -119,7 +122,7 @@ def test_literal_and_union_fields_take_their_members() -> None:
         "pretrain.betas=[0.9, 0.95]",  # a list for a fixed tuple
         "pretrain.model.image_size=42",  # an int is a square
     ]
-    config = load_config(PIPELINE, smoke=True, overrides=overrides)
+    config = load_config(PIPELINE, smoke=True, overrides=overrides, expected=PipelineConfig)
     assert config.pretrain.decay == "linear" and config.pretrain.num_workers == (1, 2)
     assert config.pretrain.betas == (0.9, 0.95) and config.pretrain.model.image_size == (42, 42)
 
@@ -142,7 +145,7 @@ def test_literal_and_union_fields_take_their_members() -> None:
 )
 def test_override_values_of_another_type_are_refused(override: str, message: str) -> None:
     with pytest.raises(SystemExit, match=re.escape(message)):
-        load_config(PIPELINE, smoke=True, overrides=[override])
+        load_config(PIPELINE, smoke=True, overrides=[override], expected=PipelineConfig)
 
 
 @pytest.mark.parametrize("job", [tune_job, pretrain_job])
@@ -161,6 +164,15 @@ def test_config_jobs_report_usage_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert message in usage_error(job, argv, capsys, monkeypatch)
+
+
+def test_a_config_file_for_another_job_is_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit, match="makes a PipelineConfig; this job takes a FinetuneConfig"):
+        tune_job.main(["--config", PIPELINE, "--smoke"])
+    assert not ray.is_initialized()
 
 
 def test_a_default_config_set_by_the_job_still_applies() -> None:

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from jobs.common import load_config
 from pipelines import tracking
 from pipelines.pipeline import keyed_pretrain, local_checkpoint, prepared_location
+from pipelines.pretrain import PretrainConfig
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 
@@ -232,7 +233,7 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
 
 def test_a_changed_pretraining_config_or_data_starts_a_new_ray_train_run() -> None:
     """Same config and data, same run (a crashed stage resumes); other ones, another run."""
-    demo = load_config(str(ROOT / "configs/pretrain_demo.py"), smoke=True, overrides=[])
+    demo = load_config(str(ROOT / "configs/pretrain_demo.py"), True, [], PretrainConfig)
     key, named = keyed_pretrain(demo, "data-1")
     assert keyed_pretrain(demo, "data-1") == (key, named)
     assert named.run_name.startswith(demo.run_name)
@@ -271,7 +272,7 @@ def test_a_checkpoint_in_object_storage_reaches_later_stages_as_a_local_folder(
     saved = vit_checkpoint.save(model, tmp_path / "saved")
     run_id = tracking.start_run("pretrain")
     tracking.client().log_artifacts(run_id, str(saved), "checkpoint")
-    demo = load_config(str(ROOT / "configs/pretrain_demo.py"), smoke=True, overrides=[])
+    demo = load_config(str(ROOT / "configs/pretrain_demo.py"), True, [], PretrainConfig)
     pretrained = {"run_id": run_id, "checkpoint_path": "s3://bucket/train/run/checkpoint_x"}
     remote = dataclasses.replace(demo, storage_path="s3://bucket/train")
     folder = local_checkpoint(pretrained, remote, tmp_path / "pretrained")
