@@ -7,6 +7,9 @@ import ast
 import dataclasses
 import importlib.util
 import os
+import signal
+import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -201,10 +204,20 @@ def connect(address: str | None) -> bool:
     """
     if ray.is_initialized():
         return False
-    if address is not None:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    for name, value in HIGH_THROUGHPUT_ENV.items():
-        os.environ.setdefault(name, value)
-    ray.init(address="local", log_to_driver=True)
-    return True
+    local = address is None
+    if local:
+        for name, value in HIGH_THROUGHPUT_ENV.items():
+            os.environ.setdefault(name, value)
+    ray.init(address="local" if local else address, log_to_driver=True)
+    _exit_on_sigterm()
+    return local
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM, which `ray job stop` sends, a `SystemExit(15)` again.
+
+    `ray.init` installs Ray's own handler, which ends the process on the spot: the `finally`
+    blocks that mark the job's MLflow runs KILLED and take its endpoint down would never run.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))

@@ -13,6 +13,7 @@ A re-run skips the stages that finished with unchanged inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -35,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = pipeline.run(config)
     pipeline.banner(f"summary ({(time.perf_counter() - start) / 60:.1f} min)")
     print(pipeline.format_summary(summary), flush=True)
-    if args.keep_serving:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    if not local_ray:  # a cluster's Serve outlives this job: drain and stop our endpoint
-        undeploy()
+    try:
+        if args.keep_serving:
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+    finally:  # also on `ray job stop`: its SIGTERM ends a Ray driver with SystemExit
+        if not local_ray:  # a cluster's Serve outlives this job: drain and stop our endpoint
+            undeploy()
     return 0
 
 

@@ -4,7 +4,8 @@
     python -m jobs.serve --model my-vit=runs/some/checkpoint/model --port 8000
 
 Listens on 127.0.0.1 unless --host says otherwise; set VITRAY_API_TOKEN to require a bearer
-token. Runs until interrupted (Ctrl-C), or returns at once with --detach on a cluster.
+token. Runs until interrupted (Ctrl-C, or `ray job stop` of a submitted job) and then takes its
+endpoint down, or returns at once with --detach on a cluster and leaves it up.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:  # also on `ray job stop`: its SIGTERM ends a Ray driver with SystemExit
         if not local_ray:  # a local Ray takes the endpoint down as this process exits
             undeploy()
     return 0

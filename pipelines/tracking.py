@@ -104,8 +104,9 @@ def start_run(
 @contextlib.contextmanager
 def ending(run_id: str, uri: str | None = None) -> Iterator[None]:
     """End ``run_id`` FINISHED when the block completes, FAILED when it raises, KILLED when the
-    process is told to stop (Ctrl-C; SIGTERM, which `ray job stop` sends and a Ray driver turns
-    into `sys.exit(15)`), so a stage that dies never leaves its run RUNNING in the MLflow UI."""
+    process is told to stop (Ctrl-C; SIGTERM, which `ray job stop` sends and
+    `jobs.common.connect` turns into `sys.exit(15)`), so a stage that dies never leaves its run
+    RUNNING in the MLflow UI."""
     mlflow = client(uri)
     try:
         yield

@@ -159,12 +159,17 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def submit_pipeline(cluster: Cluster, serve_port: int) -> str:
+def job_runtime_env(cluster: Cluster) -> str:
+    """--runtime-env-json of a submitted job: this checkout, the cluster's MLflow server."""
     runtime_env = {
         "working_dir": str(ROOT),
         "excludes": [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache"],
         "env_vars": {"MLFLOW_TRACKING_URI": cluster.mlflow_uri},
     }
+    return f"--runtime-env-json={json.dumps(runtime_env)}"
+
+
+def submit_pipeline(cluster: Cluster, serve_port: int) -> str:
     overrides = {
         "data_dir": cluster.scratch / "data",
         "state_dir": cluster.scratch / "state",
@@ -177,8 +182,7 @@ def submit_pipeline(cluster: Cluster, serve_port: int) -> str:
     }
     settings = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     return ray_cli(
-        "job", "submit", f"--address={cluster.dashboard}",
-        f"--runtime-env-json={json.dumps(runtime_env)}",
+        "job", "submit", f"--address={cluster.dashboard}", job_runtime_env(cluster),
         "--", "python", "-m", "jobs.pipeline", "--smoke", *settings,
         env=cluster.env, timeout=1500,
     )  # fmt: skip
@@ -229,6 +233,42 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
     assert again.count("reusing the finished result") == 11
     assert "is up to date with" in again  # prepare checked its shards and left them
     assert "succeeded" in again
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_stopping_a_submitted_serve_job_takes_its_endpoint_down(cluster: Cluster) -> None:
+    """`ray job stop` sends SIGTERM, not Ctrl-C's KeyboardInterrupt: the job must delete its app
+    all the same, not leave it serving."""
+    model = vit_checkpoint.save(
+        VisionTransformer(
+            ViTConfig(image_size=8, patch_size=4, width=16, depth=1, mlp_dim=32, num_heads=2)
+        ),
+        cluster.scratch / "served-model",
+    )
+    port, job = free_port(), f"vitray-serve-{secrets.token_hex(4)}"
+    ray_cli(
+        "job", "submit", f"--address={cluster.dashboard}", f"--submission-id={job}", "--no-wait",
+        job_runtime_env(cluster),
+        "--", "python", "-m", "jobs.serve", "--model", f"tiny={model}", "--port", str(port),
+        env=cluster.env,
+    )  # fmt: skip
+    health = f"http://127.0.0.1:{port}/v1/health"
+    deadline = time.monotonic() + 180
+    while not answers(health):
+        logs = ray_cli("job", "logs", f"--address={cluster.dashboard}", job, env=cluster.env)
+        assert time.monotonic() < deadline, logs
+        time.sleep(2)
+    ray_cli("job", "stop", f"--address={cluster.dashboard}", job, env=cluster.env)
+    deadline = time.monotonic() + 30
+    while answers(health):
+        assert time.monotonic() < deadline, "the stopped job's endpoint still answers"
+        time.sleep(1)
 
 
 def test_a_changed_pretraining_config_or_data_starts_a_new_ray_train_run() -> None:
