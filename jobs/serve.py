@@ -75,18 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     local_ray = connect(args.address)
     try:
         url = deploy(config)
-    except ValueError as error:  # Serve on another host or port; VITRAY_API_TOKEN set but empty
-        raise SystemExit(f"[serve] {error}") from None
-    print(f"[serve] {url}/v1/predict serving {sorted(models)}; API docs at {url}/docs", flush=True)
-    if args.detach:
-        return 0
-    try:
+        print(
+            f"[serve] {url}/v1/predict serving {sorted(models)}; API docs at {url}/docs",
+            flush=True,
+        )
+        if args.detach:
+            return 0
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:  # also on `ray job stop`: its SIGTERM ends a Ray driver with SystemExit
+    except ValueError as error:  # Serve on another host or port; VITRAY_API_TOKEN set but empty
+        raise SystemExit(f"[serve] {error}") from None
+    # Ctrl-C, or `ray job stop` (a SystemExit, see `connect`), also while the app still deploys.
+    except (KeyboardInterrupt, SystemExit):
         if not local_ray:  # a local Ray takes the endpoint down as this process exits
+            print("[serve] stopping: deleting the endpoint", flush=True)
             undeploy()
     return 0
 
