@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     add_common_arguments(parser)
     parser.set_defaults(config="configs/pipeline_demo.py")
     parser.add_argument(
-        "--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C"
+        "--keep-serving",
+        action="store_true",
+        help="keep the endpoint up until Ctrl-C or `ray job stop`",
     )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.smoke, args.set, pipeline.PipelineConfig)
