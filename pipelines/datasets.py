@@ -350,8 +350,7 @@ def split_sizes(source: str, filesystem: pafs.FileSystem | None = None) -> dict[
     if isinstance(opened, FolderSource):
         return opened.split_sizes(SplitFractions())
     if isinstance(opened, ParquetSource):  # not `info()`: it may read every label column
-        counts = opened.manifest.get("counts")
-        return {s: sum(c.values()) for s, c in counts.items()} if counts else None
+        return opened.manifest_split_sizes()
     return dict(opened.info().split_sizes or {})
 
 

@@ -572,13 +572,16 @@ class ParquetSource:
         class_names = self.class_names()  # first: it names a source without rows
         channels = self.manifest.get("num_channels")
         if channels is None:
-            with self.fs.open_input_file(f"{self.root}/{self.files[0][0]}") as f:
+            first_file = f"{self.root}/{self.files[0][0]}"
+            with self.fs.open_input_file(first_file) as f:
                 first = next(pq.ParquetFile(f).iter_batches(batch_size=5, columns=["image"]))
-            where = f"{self.root}/{self.files[0][0]}"
-            channels = image_channels(_image_bytes(first.column(0), where).to_pylist())
+            channels = image_channels(_image_bytes(first.column(0), first_file).to_pylist())
+        return DatasetInfo(self.name, class_names, channels, self.manifest_split_sizes())
+
+    def manifest_split_sizes(self) -> dict[str, int] | None:
+        """Rows per split from the manifest's counts; None without them (only a read counts)."""
         counts = self.manifest.get("counts")
-        sizes = {s: sum(c.values()) for s, c in counts.items()} if counts else None
-        return DatasetInfo(self.name, class_names, channels, sizes)
+        return {s: sum(c.values()) for s, c in counts.items()} if counts else None
 
     def class_names(self) -> tuple[str, ...]:
         """Manifest names, else Hugging Face ``ClassLabel`` names, else derived from the labels
