@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from pipelines import tracking
 from vit import VisionTransformer, checkpoint
 from vit.config import Preprocessing
-from vit.convert import from_hf, from_npz, from_timm, from_torchvision
+from vit.convert import from_hf, from_npz, from_timm, from_torchvision, read_safetensors
 from vit.posemb import resampling
 
 CONVERTERS = {"timm": from_timm, "torchvision": from_torchvision, "hf": from_hf, "npz": from_npz}
@@ -74,7 +73,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     again. The file is opened here, so a missing or unreadable path keeps its own error.
     """
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return read_safetensors(path)
     unreadable = f"{path} is not a readable PyTorch file (corrupt, truncated or another format)"
     with path.open("rb") as file:
         try:

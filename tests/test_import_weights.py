@@ -230,3 +230,22 @@ def test_a_directory_is_not_called_missing(tmp_path: Path) -> None:
     assert "no such file" not in str(error.value)
     with pytest.raises(SystemExit, match="no such file"):
         import_weights.main(["--from", "timm", str(tmp_path / "gone.pth"), *argv[3:]])
+
+
+@pytest.mark.parametrize("source_format", ["timm", "npz", "hf"])
+def test_a_damaged_safetensors_or_npz_file_is_reported_not_raised(
+    source_format: str, tmp_path: Path
+) -> None:
+    """Half a download: a one-line reason to fetch it again, not a traceback or pickle advice."""
+    path = {
+        "timm": tmp_path / "timm.safetensors",
+        "npz": tmp_path / "vit.npz",
+        "hf": tmp_path / "hf-model" / "model.safetensors",
+    }[source_format]
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"PK\x03\x04" + bytes(64) if source_format == "npz" else bytes(64))
+    where = path.parent if source_format == "hf" else path
+    argv = ["--from", source_format, str(where), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="corrupt, truncated or another format") as error:
+        import_weights.main([*argv, "--num-heads", "2"])
+    assert "pickle" not in str(error.value)

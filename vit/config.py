@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Pooling = Literal["token", "gap"]
 PosEmbedKind = Literal["learned", "sincos2d"]
@@ -104,12 +104,34 @@ class ViTConfig:
             raise ValueError(f"pooling must be 'token' or 'gap', got {self.pooling!r}")
         if self.pos_embed not in ("learned", "sincos2d"):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos2d', got {self.pos_embed!r}")
+        self._check_heads()
+        self._check_interpolations()
         for stat in (self.preprocessing.mean, self.preprocessing.std):
             if len(stat) not in (1, self.in_channels):
                 raise ValueError(
                     f"preprocessing has {len(stat)} channel statistics "
                     f"for {self.in_channels} input channels"
                 )
+
+    def _check_heads(self) -> None:
+        """0 classes means no head; a 0-wide pre-logits layer would only fail in forward."""
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (no head) or more, got {self.num_classes}")
+        if self.representation_size is not None and self.representation_size < 1:
+            raise ValueError(
+                "representation_size must be positive, or None for no pre-logits layer; "
+                f"got {self.representation_size}"
+            )
+
+    def _check_interpolations(self) -> None:
+        """Resampling modes are used only later (fine-tuning, ingest): a typo must fail here."""
+        modes = get_args(Interpolation)
+        for name, mode in (
+            ("pos_embed_interpolation", self.pos_embed_interpolation),
+            ("preprocessing interpolation", self.preprocessing.interpolation),
+        ):
+            if mode not in modes:
+                raise ValueError(f"{name} must be one of {modes}, got {mode!r}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ViTConfig:
@@ -148,6 +170,20 @@ class ViTConfig:
 
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
+
+    def at_resolution(self, image_size: int | tuple[int, int]) -> ViTConfig:
+        """This config at another input size, its evaluation resize scaled with the crop.
+
+        The centre crop keeps `image_size / resize_size` of the shorter side; a resize left as
+        it was would be smaller than a larger crop, which would then squash the whole image.
+        """
+        config = self.replace(image_size=image_size)
+        resize = self.preprocessing.resize_size
+        if resize is None or config.image_size == self.image_size:
+            return config
+        scale = min(config.image_size) / min(self.image_size)
+        preprocessing = dataclasses.replace(self.preprocessing, resize_size=round(resize * scale))
+        return config.replace(preprocessing=preprocessing)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary (tuples become lists)."""

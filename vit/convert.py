@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +43,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vit.config import VARIANTS, Preprocessing, ViTConfig
@@ -54,6 +56,7 @@ NpzLayout = Literal["vit_jax", "big_vision", "big_vision_scan"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_UNREADABLE = "corrupt, truncated or another format"
 
 
 class ConversionError(ValueError):
@@ -540,6 +543,36 @@ def _torchvision_preprocessing(image_size: tuple[int, int]) -> Preprocessing:
 
 
 # ---------------------------------------------------------------------------------- importers
+def read_safetensors(path: str | os.PathLike[str]) -> Tensors:
+    """A safetensors file's tensors; a damaged one is a `ConversionError` that says so."""
+    try:
+        return load_file(os.fspath(path))
+    except SafetensorError as error:
+        raise ConversionError(
+            f"{path} is not a readable safetensors file ({_UNREADABLE}): {error}"
+        ) from None
+
+
+def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` archive, refusing anything that is not a whole zip archive.
+
+    `np.load` falls back to unpickling what is no archive, so a cut-off download or a web page
+    saved in its place would be reported as pickled data to load "if you trust the file".
+    The file is opened here, so a missing path keeps its own error.
+    """
+    with open(path, "rb") as file:
+        if not zipfile.is_zipfile(file):
+            raise ConversionError(f"{path} is not a readable .npz archive ({_UNREADABLE})")
+        file.seek(0)
+        try:
+            with np.load(file) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (zipfile.BadZipFile, EOFError) as error:
+            raise ConversionError(
+                f"{path} is a damaged .npz archive ({_UNREADABLE}): {error}"
+            ) from None
+
+
 _TIMM_POOLS = ("token", "avg")
 
 
@@ -693,7 +726,7 @@ def from_hf(
     """
     source = state_dict_or_safetensors_path
     if not isinstance(source, Mapping):
-        source = load_file(os.fspath(source))
+        source = read_safetensors(source)
     prefix = "vit." if any(key.startswith("vit.") for key in source) else ""
     hub_names = any(".encoder.layer." in f".{key}" for key in source)
     layout = _hf_layout(prefix, hub_names)
@@ -739,8 +772,7 @@ def from_npz(
     if isinstance(path_or_mapping, Mapping):
         arrays = dict(path_or_mapping)
     else:
-        with np.load(os.fspath(path_or_mapping)) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+        arrays = _read_npz(path_or_mapping)
     roots = [k.removesuffix("embedding/kernel") for k in arrays if k.endswith("embedding/kernel")]
     roots = [r for r in roots if r == "" or r.endswith("/")]
     if len(roots) != 1:

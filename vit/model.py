@@ -301,9 +301,12 @@ class VisionTransformer(nn.Module):
         self.head = self._make_head(self.config).to(weight.device, weight.dtype)
 
     def resize_pos_embed(self, image_size: int | tuple[int, int]) -> None:
-        """Adapt the model to a new input resolution (same patch size) by 2D resampling."""
+        """Adapt the model to a new input resolution (same patch size) by 2D resampling.
+
+        The evaluation resize travels with the weights, so it is scaled too (`at_resolution`).
+        """
         old_grid = self.config.grid_size
-        self.config = self.config.replace(image_size=image_size)
+        self.config = self.config.at_resolution(image_size)
         if isinstance(self.pos_embed, nn.Parameter):
             resized = resample_pos_embed(
                 self.pos_embed.data,

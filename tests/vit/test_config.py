@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vit import VARIANTS, ViTConfig
+from vit import VARIANTS, Preprocessing, ViTConfig
 
 
 def test_named_variants_cover_every_size_and_patch() -> None:
@@ -24,6 +24,10 @@ def test_named_variants_cover_every_size_and_patch() -> None:
         (dict(num_heads=5), "not divisible by 5 heads"),
         (dict(pooling="max"), "pooling"),
         (dict(pos_embed="rope"), "pos_embed"),
+        (dict(pos_embed_interpolation="bicubc"), "pos_embed_interpolation must be one of"),
+        (dict(preprocessing=Preprocessing(interpolation="nearest")), "interpolation must be"),
+        (dict(representation_size=0), "representation_size must be positive"),
+        (dict(num_classes=-1), "num_classes must be 0"),
         (dict(num_heads=0), "num_heads must be positive"),
         (dict(patch_size=0), "patch_size must be positive"),
         (dict(image_size=(224, 0)), "image_size must be positive"),

@@ -467,3 +467,27 @@ def test_another_class_count_gets_a_zero_head_and_loses_pre_logits(images: torch
     assert kept.config.representation_size == 16
     features = from_torchvision(state, num_heads=HEADS, num_classes=0)
     assert run(features, images).shape == (3, WIDTH)
+
+
+# ------------------------------------------------------------------------- damaged files
+@pytest.mark.parametrize("damage", ["truncated", "html", "empty"])
+def test_a_damaged_npz_or_safetensors_file_is_a_conversion_error(
+    damage: str, tmp_path: Path
+) -> None:
+    """A cut-off download or a web page saved in its place: never advice to unpickle it."""
+    model = ours()
+    npz, safetensors = tmp_path / "vit.npz", tmp_path / "model.safetensors"
+    to_npz(model, npz)
+    save_file({k: v.contiguous() for k, v in to_hf(model).items()}, safetensors)
+    for path, reader in ((npz, from_npz), (safetensors, from_hf)):
+        data = path.read_bytes()
+        path.write_bytes(
+            {
+                "truncated": data[: len(data) // 2],
+                "html": b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
+                "empty": b"",
+            }[damage]
+        )
+        with pytest.raises(ConversionError, match="corrupt, truncated or another format") as error:
+            reader(path, num_heads=HEADS)
+        assert "pickle" not in str(error.value)

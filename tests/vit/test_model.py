@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vit import VARIANTS, VisionTransformer, ViTConfig
+from vit import VARIANTS, Preprocessing, VisionTransformer, ViTConfig
 from vit.patches import patchify
 
 # Parameter counts with 1000 classes at 224 px (../shared/ANCHORS.md, from the reference code).
@@ -188,6 +188,18 @@ def test_resize_pos_embed_changes_resolution_and_keeps_the_class_token_row() -> 
     sincos.resize_pos_embed((40, 24))
     assert sincos.pos_embed.shape == (1, 15, 64)
     assert sincos(torch.randn(1, 3, 40, 24)).shape == (1, 1000)
+
+
+def test_resize_pos_embed_scales_the_evaluation_resize_with_the_crop() -> None:
+    """A 90% centre crop at 32 px stays a 90% crop at 64 px: the resize must not stay at 36."""
+    model = VisionTransformer(tiny(preprocessing=Preprocessing(resize_size=36)))
+    model.resize_pos_embed(64)
+    assert model.config.preprocessing.resize_size == 72
+    model.resize_pos_embed((64, 96))  # the shorter side sets the scale, as the resize does
+    assert model.config.preprocessing.resize_size == 72
+    plain = VisionTransformer(tiny())
+    plain.resize_pos_embed(64)
+    assert plain.config.preprocessing.resize_size is None  # straight resize: nothing to scale
 
 
 def test_bf16_autocast_training_stays_finite_for_200_steps() -> None:
