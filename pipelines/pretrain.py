@@ -48,6 +48,7 @@ from pipelines.parallel import Strategy, unwrap
 from pipelines.training import (
     Decay,
     autocast,
+    check_decay,
     clip_gradients,
     count_correct,
     parameter_groups,
@@ -125,6 +126,9 @@ class PretrainConfig:
             raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if not 0 <= self.label_smoothing <= 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {self.label_smoothing}")
+        check_decay(self.decay)
         parallel.check_strategy(self.strategy)
 
 
@@ -149,6 +153,7 @@ RESUMABLE_SETTINGS = frozenset(
         "ingest.batch_size",
         "ingest.concurrency",
         "ingest.max_bad_fraction",
+        "ingest.min_rows_before_check",
     }
 )
 
@@ -213,14 +218,8 @@ def run(
         errors = ray.get(tracker.summary.remote())
         mlflow = tracking.client(uri)
         record = mlflow.get_run(run_id).data  # as the workers left it
-        # The reads add up over the invocations that trained this run: a resume reads only what
-        # is left, and a run that already ran every step reads nothing.
-        earlier = record.metrics
-        reads = {
-            "data/rows_read": int(earlier.get("data/rows_read", 0)) + errors["rows_read"],
-            "data/bad_reads": int(earlier.get("data/bad_reads", 0)) + errors["bad_reads"],
-        }
-        for key, value in {**reads, "data/bad_images": errors["bad"]}.items():
+        reads = _read_totals(record.metrics, errors)
+        for key, value in reads.items():
             mlflow.log_metric(run_id, key, value)
         if errors["samples"]:
             mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
@@ -244,6 +243,22 @@ def run(
         figures.log_figure(mlflow, run_id, figures.training_curves(history), "figures/curves.png")
     path = storage_uri(result.checkpoint.path, config.storage_path)
     return PretrainResult(path, run_id, metrics)
+
+
+def _read_totals(earlier: dict[str, float], errors: dict[str, Any]) -> dict[str, int]:
+    """This invocation's reads (`DataErrorTracker.summary`) with those that the run's earlier
+    invocations logged (`earlier`): a resume reads only what is left, and one that already ran
+    every step reads nothing.
+
+    Rows and reads add up. Distinct unreadable images do not (a resume meets the same ones
+    again), so the run keeps the most any invocation met: at least that many are unreadable,
+    never the zero of a resume that read nothing.
+    """
+    return {
+        "data/rows_read": int(earlier.get("data/rows_read", 0)) + errors["rows_read"],
+        "data/bad_reads": int(earlier.get("data/bad_reads", 0)) + errors["bad_reads"],
+        "data/bad_images": max(int(earlier.get("data/bad_images", 0)), errors["bad"]),
+    }
 
 
 def _train_rows(

@@ -21,6 +21,7 @@ from vit.checkpoint import METADATA_FILE, CheckpointError
 from vit.model import VisionTransformer
 
 Decay = Literal["cosine", "linear"]
+DECAYS: tuple[Decay, ...] = ("cosine", "linear")
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -70,6 +71,7 @@ def warmup_then_decay(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: Decay
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the base rate, then cosine or linear decay to zero at `total_steps`."""
+    check_decay(decay)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -80,6 +82,13 @@ def warmup_then_decay(
         return 1.0 - progress
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_decay(decay: str) -> None:
+    """Refuse a decay this schedule does not know: it would otherwise decay linearly, silently
+    (a config file builds its dataclass directly, past the job's check of `--set` values)."""
+    if decay not in DECAYS:
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
 
 
 def clip_gradients(model: nn.Module, max_norm: float, *, step: int, learning_rate: float) -> float:

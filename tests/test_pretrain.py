@@ -281,6 +281,7 @@ def test_a_run_on_too_many_unreadable_images_ends_failed_naming_them(
     # A rerun resumes at its last step and reads nothing: the earlier reads still count.
     with pytest.raises(DataQualityError, match=r"\d of \d+ images unreadable \("):
         pretrain.run(config)
+    assert mlflow_run(config).data.metrics["data/bad_images"] >= 1  # not reset to 0
 
 
 def test_a_resume_may_change_where_it_runs_and_how_settings_are_spelled() -> None:
@@ -290,6 +291,7 @@ def test_a_resume_may_change_where_it_runs_and_how_settings_are_spelled() -> Non
         dataclasses.replace(started, betas=[0.9, 0.95], weight_decay=0),  # as --set may type it
         dataclasses.replace(started, num_workers=(1, 4), micro_batch_size=4),
         dataclasses.replace(started, ingest=IngestConfig(batch_size=64, max_bad_fraction=0.05)),
+        dataclasses.replace(started, ingest=IngestConfig(min_rows_before_check=100)),
     ):
         pretrain._refuse_another_recipe(same, logged)
     flipped = dataclasses.replace(started.augmentation, hflip=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipelines.pretrain import PretrainConfig
-from pipelines.training import clip_gradients
+from pipelines.training import clip_gradients, warmup_then_decay
 
 
 def _model_with_gradients(*values: float) -> torch.nn.Module:
@@ -38,6 +38,8 @@ def test_a_non_finite_gradient_stops_training_naming_the_step(bad: float) -> Non
         ({"warmup_steps": -1}, "warmup_steps must be 0 or more"),
         ({"weight_decay": -0.1}, "weight_decay must be 0 or more"),
         ({"betas": (0.9, 1.0)}, r"betas must lie in \[0, 1\)"),
+        ({"decay": "constant"}, "decay must be 'cosine' or 'linear', got 'constant'"),
+        ({"label_smoothing": 1.5}, r"label_smoothing must lie in \[0, 1\]"),
     ],
 )
 def test_pretraining_settings_that_train_wrong_are_refused_up_front(
@@ -47,6 +49,13 @@ def test_pretraining_settings_that_train_wrong_are_refused_up_front(
     fail only in the workers, after Ray has retried them."""
     with pytest.raises(ValueError, match=message):
         PretrainConfig(**setting)
+
+
+def test_an_unknown_decay_is_refused_not_trained_as_linear() -> None:
+    """Refused by the schedule itself, whoever builds it, not only by `PretrainConfig`."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="decay must be 'cosine' or 'linear', got 'constant'"):
+        warmup_then_decay(optimizer, 0, 10, "constant")
 
 
 def test_clipping_may_be_turned_off() -> None:
