@@ -94,14 +94,9 @@ class FinetuneConfig:
         ]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} must be at least 1")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
         if self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
-        if not self.learning_rates:
-            raise ValueError("the search needs at least one learning rate")
-        if min(self.learning_rates) <= 0:
-            raise ValueError(f"learning rates must be positive, got {self.learning_rates}")
+        self._check_recipe()
         if self.register and not self.from_scratch:  # `/a/flowers`, `/b/flowers`: one model
             first_of: dict[str, str] = {}
             for dataset in self.datasets:
@@ -112,6 +107,31 @@ class FinetuneConfig:
                         f"datasets {other!r} and {dataset!r} would both register as {name!r}; "
                         "tune them in separate sweeps"
                     )
+
+    def _check_recipe(self) -> None:
+        """Refuse optimiser settings that train silently wrong, every trial alike: a clip at 0
+        zeroes every gradient (the zero-initialised head never moves, yet the sweep registers
+        it), below 0 it flips them; a momentum above 1 (9 for 0.9) amplifies every past
+        update, and the divergence reads as a learning rate too high; a warmup as long as the
+        run never reaches the searched rate, nor decays it."""
+        if not self.learning_rates:
+            raise ValueError("the search needs at least one learning rate")
+        if not all(rate > 0 for rate in self.learning_rates):
+            raise ValueError(f"learning rates must be positive, got {self.learning_rates}")
+        if not self.grad_clip > 0:
+            raise ValueError(
+                f"grad_clip must be positive (float('inf') turns clipping off), "
+                f"got {self.grad_clip}"
+            )
+        if not 0 <= self.momentum <= 1:
+            raise ValueError(f"momentum must lie in [0, 1], got {self.momentum}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps must be fewer than steps (the cosine decay follows the warmup), "
+                f"got {self.warmup_steps} of {self.steps}"
+            )
 
 
 @dataclass(frozen=True)

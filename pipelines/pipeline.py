@@ -51,10 +51,17 @@ class PipelineConfig:
     experiment: str = tracking.DEFAULT_EXPERIMENT
 
     def __post_init__(self) -> None:
-        """Refused here, not after pretraining: no dataset to fine-tune (the serve stage serves
-        the fine-tuned models), or few-shot settings no run can use."""
+        """Refused here, not after pretraining: no dataset to fine-tune, or a fine-tuning
+        sweep that registers nothing (the serve stage serves the versions it registered; the
+        from-scratch baseline is `scratch_baseline`), or few-shot settings no run can use."""
         if not self.finetune.datasets:
             raise ValueError("name at least one dataset in finetune.datasets")
+        if not self.finetune.register or self.finetune.from_scratch:
+            raise ValueError(
+                "the serve stage serves the registered fine-tuned models: keep "
+                "finetune.register, and leave finetune.from_scratch off (scratch_baseline runs "
+                "the from-scratch search)"
+            )
         shots_and_seeds(self.fewshot_shots, self.fewshot_seeds)
 
 
@@ -156,8 +163,6 @@ def local_checkpoint(pretrained: dict[str, Any], config: PretrainConfig, target:
 
 def run(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the summary."""
-    if not config.finetune.register:
-        raise ValueError("the serve stage serves the registered fine-tuned models: keep register")
     # Every stage records into the pipeline's experiment, beside its parent run.
     for stage in (config.pretrain, config.finetune):
         if stage.experiment not in (tracking.DEFAULT_EXPERIMENT, config.experiment):

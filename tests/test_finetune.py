@@ -24,7 +24,8 @@ from pipelines import finetune, tracking
 from pipelines.datasets import fingerprint
 from pipelines.finetune import FinetuneConfig
 from pipelines.ingest import DataQualityError, IngestConfig
-from pipelines.pipeline import StageCache, cached_sweep
+from pipelines.pipeline import PipelineConfig, StageCache, cached_sweep
+from pipelines.pretrain import PretrainConfig
 from pipelines.sources import empty_rows
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
@@ -358,6 +359,13 @@ def test_a_higher_fine_tuning_resolution_scales_the_evaluation_resize() -> None:
         ({"learning_rates": (0.01, 0.0)}, "learning rates must be positive"),
         ({"warmup_steps": -1}, "warmup_steps must be 0 or more"),
         ({"reduction_factor": 1}, "reduction_factor must be at least 2"),
+        ({"learning_rates": (float("nan"),)}, "learning rates must be positive"),
+        ({"grad_clip": 0.0}, "grad_clip must be positive"),
+        ({"grad_clip": -1.0}, "grad_clip must be positive"),
+        ({"momentum": 9.0}, r"momentum must lie in \[0, 1\]"),
+        ({"momentum": -0.1}, r"momentum must lie in \[0, 1\]"),
+        ({"steps": 40, "warmup_steps": 50}, "warmup_steps must be fewer than steps"),
+        ({"steps": 40, "warmup_steps": 40}, "warmup_steps must be fewer than steps"),
         (
             {"datasets": ("/a/flowers", "s3://b/flowers/")},
             "'/a/flowers' and 's3://b/flowers/' would both register as 'vit-flowers'",
@@ -368,9 +376,22 @@ def test_settings_that_cannot_work_are_refused_when_the_sweep_is_made(
     setting: dict[str, Any], message: str
 ) -> None:
     """Refused up front: left to the trials they surface as a divergence ("loss became nan"),
-    a division by zero after the data is read, or a sweep reported as interrupted."""
+    a division by zero after the data is read, or a sweep reported as interrupted; or they
+    train silently wrong: a clip at 0 zeroes every gradient (the zero head never moves), and a
+    warmup as long as the run never reaches the searched rate nor decays it."""
     with pytest.raises(ValueError, match=message):
         FinetuneConfig(checkpoint="-", **setting)
+
+
+@pytest.mark.parametrize("setting", [{"register": False}, {"from_scratch": True}])
+def test_a_pipeline_whose_fine_tuning_registers_nothing_is_refused_when_made(
+    setting: dict[str, Any],
+) -> None:
+    """The serve stage serves the versions the fine-tuning sweep registered; a sweep that
+    registers none (from scratch never does) would fail there, after pretraining and tuning.
+    The pipeline runs the from-scratch baseline itself (`scratch_baseline`)."""
+    with pytest.raises(ValueError, match="the serve stage serves the registered fine-tuned"):
+        PipelineConfig(PretrainConfig(), FinetuneConfig(checkpoint="", **setting))
 
 
 def test_datasets_sharing_a_model_name_may_be_tuned_when_nothing_is_registered() -> None:
@@ -416,7 +437,9 @@ def test_a_folder_dataset_registers_under_its_folder_name(pretrained: Path, tmp_
         for i in range(12):
             pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / label / f"{i}.png")
-    config = small_sweep(pretrained, tmp_path, datasets=(str(folder),), steps=2, eval_every=1)
+    config = small_sweep(
+        pretrained, tmp_path, datasets=(str(folder),), steps=2, warmup_steps=1, eval_every=1
+    )
     [outcome] = finetune.run(config)
     version = tracking.client().get_model_version_by_alias("vit-pets", "champion")
     assert version.version == outcome.model_version
