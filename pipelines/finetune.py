@@ -39,7 +39,14 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from pipelines import figures, tracking
 from pipelines.datasets import describe, fingerprint, read_dataset
 from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_tracker, to_tokens
-from pipelines.training import autocast, resolve_checkpoint, storage_uri, warmup_then_decay
+from pipelines.training import (
+    autocast,
+    check_grad_clip,
+    check_schedule,
+    resolve_checkpoint,
+    storage_uri,
+    warmup_then_decay,
+)
 from vit import checkpoint as vit_checkpoint
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
@@ -109,29 +116,17 @@ class FinetuneConfig:
                     )
 
     def _check_recipe(self) -> None:
-        """Refuse optimiser settings that train silently wrong, every trial alike: a clip at 0
-        zeroes every gradient (the zero-initialised head never moves, yet the sweep registers
-        it), below 0 it flips them; a momentum above 1 (9 for 0.9) amplifies every past
-        update, and the divergence reads as a learning rate too high; a warmup as long as the
-        run never reaches the searched rate, nor decays it."""
+        """Refuse optimiser settings that train silently wrong, every trial alike (see the checks
+        called): a momentum above 1 (9 for 0.9) amplifies every past update, and the divergence
+        reads as a learning rate too high."""
         if not self.learning_rates:
             raise ValueError("the search needs at least one learning rate")
         if not all(rate > 0 for rate in self.learning_rates):
             raise ValueError(f"learning rates must be positive, got {self.learning_rates}")
-        if not self.grad_clip > 0:
-            raise ValueError(
-                f"grad_clip must be positive (float('inf') turns clipping off), "
-                f"got {self.grad_clip}"
-            )
+        check_grad_clip(self.grad_clip)
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"momentum must lie in [0, 1], got {self.momentum}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
-        if self.warmup_steps >= self.steps:
-            raise ValueError(
-                f"warmup_steps must be fewer than steps (the cosine decay follows the warmup), "
-                f"got {self.warmup_steps} of {self.steps}"
-            )
+        check_schedule(self.warmup_steps, self.steps)
 
 
 @dataclass(frozen=True)
@@ -238,24 +233,10 @@ def format_table(outcomes: list[DatasetOutcome]) -> str:
 
 
 def _model_config(pretrained: ViTConfig, config: FinetuneConfig, num_classes: int) -> ViTConfig:
-    """The fine-tuning model: a new head, and the resolution asked for.
-
-    At another resolution the evaluation resize (`resize_size`, if any) scales with the crop,
-    keeping the share of the image the centre crop shows; left as it was, a resize smaller than
-    the new crop would squash the whole image into it instead of cropping.
-    """
-    model = pretrained.replace(
-        num_classes=num_classes,
-        representation_size=None,
-        image_size=config.image_size or pretrained.image_size,
-    )
-    resize = pretrained.preprocessing.resize_size
-    if resize is None or model.image_size == pretrained.image_size:
-        return model
-    scale = min(model.image_size) / min(pretrained.image_size)
-    return model.replace(
-        preprocessing=replace(pretrained.preprocessing, resize_size=round(resize * scale))
-    )
+    """The fine-tuning model: a new head, at the resolution asked for (`at_resolution` scales
+    the evaluation resize with it, so the centre crop keeps its share of the image)."""
+    size = config.image_size or pretrained.image_size
+    return pretrained.replace(num_classes=num_classes, representation_size=None).at_resolution(size)
 
 
 def _tokens(

@@ -49,6 +49,8 @@ from pipelines.training import (
     Decay,
     autocast,
     check_decay,
+    check_grad_clip,
+    check_schedule,
     clip_gradients,
     count_correct,
     parameter_groups,
@@ -111,17 +113,12 @@ class PretrainConfig:
         wrong = [name for name in positive if getattr(self, name) < 1]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} must be at least 1")
-        # Each would train silently wrong (a clip at 0 zeroes every gradient, below 0 flips
-        # them; a zero rate never moves) or fail only in the workers, after Ray's retries.
+        # Each would train silently wrong (a zero rate never moves, see also the checks called)
+        # or fail only in the workers, after Ray's retries.
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not self.grad_clip > 0:
-            raise ValueError(
-                f"grad_clip must be positive (float('inf') turns clipping off), "
-                f"got {self.grad_clip}"
-            )
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        check_grad_clip(self.grad_clip)
+        check_schedule(self.warmup_steps, self.steps)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay}")
         if not all(0 <= beta < 1 for beta in self.betas):

@@ -91,6 +91,26 @@ def check_decay(decay: str) -> None:
         raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
 
 
+def check_schedule(warmup_steps: int, steps: int) -> None:
+    """Refuse a warmup that leaves no decay: the rate would never reach its base value nor
+    decay, while the run's params record that base rate as the one it trained with."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be 0 or more, got {warmup_steps}")
+    if warmup_steps >= steps:
+        raise ValueError(
+            f"warmup_steps must be fewer than steps (the decay follows the warmup), "
+            f"got {warmup_steps} of {steps}"
+        )
+
+
+def check_grad_clip(grad_clip: float) -> None:
+    """A clip at 0 zeroes every gradient and below 0 flips them; `inf` turns clipping off."""
+    if not grad_clip > 0:
+        raise ValueError(
+            f"grad_clip must be positive (float('inf') turns clipping off), got {grad_clip}"
+        )
+
+
 def clip_gradients(model: nn.Module, max_norm: float, *, step: int, learning_rate: float) -> float:
     """Clip the gradients to global norm `max_norm`; their norm before clipping.
 

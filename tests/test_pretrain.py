@@ -265,6 +265,7 @@ def test_a_run_on_too_many_unreadable_images_ends_failed_naming_them(
         "broken",
         dataset=str(digits_folder),
         steps=2,
+        warmup_steps=1,
         global_batch_size=8,
         micro_batch_size=8,
         num_workers=1,

@@ -36,6 +36,7 @@ def test_a_non_finite_gradient_stops_training_naming_the_step(bad: float) -> Non
         ({"grad_clip": -1.0}, "grad_clip must be positive"),
         ({"learning_rate": 0.0}, "learning_rate must be positive"),
         ({"warmup_steps": -1}, "warmup_steps must be 0 or more"),
+        ({"steps": 2000, "warmup_steps": 10_000}, "warmup_steps must be fewer than steps"),
         ({"weight_decay": -0.1}, "weight_decay must be 0 or more"),
         ({"betas": (0.9, 1.0)}, r"betas must lie in \[0, 1\)"),
         ({"decay": "constant"}, "decay must be 'cosine' or 'linear', got 'constant'"),
