@@ -46,14 +46,24 @@ def load_config(path: str, smoke: bool, overrides: list[str], expected: type[Con
             f"config file {path} makes a {type(config).__name__}; this job takes a "
             f"{expected.__name__}"
         )
+    changes: dict[str, Any] = {}
     for item in overrides:
         key, _, text = item.partition("=")
-        config = _override(config, key.split("."), text, item)
-    return config
+        _collect(config, key.split("."), text, item, changes)
+    return _rebuild(config, changes, overrides)
 
 
-def _override(config: Any, path: list[str], text: str, item: str) -> Any:
-    """Replace the field at a dotted path (`pretrain.num_workers`) in nested frozen dataclasses."""
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """A parsed override of a whole field, told apart from the nested changes of a dataclass
+    field (a dict field's value is a dict too)."""
+
+    value: Any
+
+
+def _collect(config: Any, path: list[str], text: str, item: str, changes: dict[str, Any]) -> None:
+    """Parse the override at a dotted path (`pretrain.num_workers`) into `changes`, a tree of
+    the config's nested dataclasses."""
     name, rest = path[0], path[1:]
     fields = (
         {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else ()
@@ -61,14 +71,30 @@ def _override(config: Any, path: list[str], text: str, item: str) -> Any:
     if name not in fields:  # a property such as `grid_size` is not a field
         raise SystemExit(f"--set {item}: {type(config).__name__} has no field {name!r}")
     current = getattr(config, name)
-    if rest:
-        value = _override(current, rest, text, item)
-    else:
-        value = _parse(text, current, _field_type(config, name, current), item)
+    if not rest:
+        changes[name] = _Whole(_parse(text, current, _field_type(config, name, current), item))
+        return
+    nested = changes.setdefault(name, {})
+    if isinstance(nested, _Whole):
+        raise SystemExit(f"--set {item}: an earlier --set replaces {name} whole")
+    _collect(current, rest, text, item, nested)
+
+
+def _rebuild(config: Any, changes: dict[str, Any], items: list[str], prefix: str = "") -> Any:
+    """The config with `changes`, each frozen dataclass rebuilt once with all of its own: its
+    checks (`__post_init__`) see them together, so settings checked against each other
+    (`steps` and `warmup_steps`) may be given in any order."""
+    values = {
+        name: change.value
+        if isinstance(change, _Whole)
+        else _rebuild(getattr(config, name), change, items, f"{prefix}{name}.")
+        for name, change in changes.items()
+    }
     try:
-        return dataclasses.replace(config, **{name: value})
-    except ValueError as error:  # the config's own checks (`__post_init__`)
-        raise SystemExit(f"--set {item}: {error}") from None
+        return dataclasses.replace(config, **values)
+    except ValueError as error:  # the config's own checks
+        own = [item for item in items if item.startswith(prefix)]
+        raise SystemExit(f"--set {' '.join(own)}: {error}") from None
 
 
 def _field_type(config: Any, name: str, current: Any) -> Any:

@@ -181,3 +181,15 @@ def test_a_default_config_set_by_the_job_still_applies() -> None:
     add_common_arguments(parser)
     parser.set_defaults(config=PIPELINE)
     assert parser.parse_args([]).config == PIPELINE
+
+
+def test_settings_checked_together_may_be_set_in_any_order() -> None:
+    """The smoke demo fine-tunes for 20 steps after 2 of warmup: `steps=2` alone would be
+    refused (a warmup as long as the run), so the two overrides are judged together."""
+    overrides = ["finetune.steps=2", "finetune.warmup_steps=1"]
+    config = load_config(PIPELINE, smoke=True, overrides=overrides, expected=PipelineConfig)
+    assert (config.finetune.steps, config.finetune.warmup_steps) == (2, 1)
+    refused = ["finetune.steps=2", "finetune.warmup_steps=3", "data_dir=/tmp/data"]
+    message = "--set finetune.steps=2 finetune.warmup_steps=3: warmup_steps must be fewer than"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        load_config(PIPELINE, smoke=True, overrides=refused, expected=PipelineConfig)
