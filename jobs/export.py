@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", help="ONNX file to write")
     parser.add_argument("--program", help="torch.export program (.pt2) to write")
     parser.add_argument("--uint8", action="store_true", help="take uint8 pixels, not floats")
-    parser.add_argument("--atol", type=float, default=1e-4, help="ONNX parity tolerance")
+    parser.add_argument("--atol", type=float, default=1e-4, help="ONNX parity: absolute part")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="ONNX parity: relative part")
     args = parser.parse_args(argv)
     if not (args.onnx or args.program):
         parser.error("name an output with --onnx and/or --program")
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.onnx:
         path = export_onnx(model, args.onnx, example_input(model, 2, dtype))
         try:
-            error = check_onnx_parity(model, path, example_input(model, 3, dtype), args.atol)
+            error = check_onnx_parity(
+                model, path, example_input(model, 3, dtype), args.atol, args.rtol
+            )
         except ExportError as failure:
             _remove_onnx(path)
             raise SystemExit(

@@ -56,6 +56,25 @@ def test_parity_check_catches_a_model_that_changed(
         check_onnx_parity(changed, onnx_path, example_input(model, 2))
 
 
+def test_parity_allows_for_the_size_of_the_outputs(
+    model: VisionTransformer, tmp_path: Path
+) -> None:
+    """Logits in the tens of thousands: float32 sums in another order differ by more than a
+    fixed 1e-4 while agreeing to every digit float32 keeps, so the check scales with them."""
+    large = VisionTransformer(model.config).eval()
+    large.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        large.head.weight.mul_(1e4)
+    path = export_onnx(large, tmp_path / "large.onnx")
+    inputs = example_input(model, 3)
+    error = check_onnx_parity(large, path, inputs)
+    assert 1e-4 < error < 1e-5 * float(large(inputs).abs().max())
+    with torch.no_grad():
+        large.head.bias.add_(10.0)  # a real change is still caught at this scale
+    with pytest.raises(ExportError, match="differ"):
+        check_onnx_parity(large, path, inputs)
+
+
 def test_parity_on_outputs_that_ignore_the_input_is_refused(
     model: VisionTransformer, tmp_path: Path
 ) -> None:
