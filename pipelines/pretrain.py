@@ -29,7 +29,9 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from mlflow.entities import RunData
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from ray.data import RandomSeedConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -211,23 +213,22 @@ def run(
             ),
             datasets={"train": train, "dev": dev},
         )
-        result = trainer.fit()
-        errors = ray.get(tracker.summary.remote())
         mlflow = tracking.client(uri)
-        record = mlflow.get_run(run_id).data  # as the workers left it
-        reads = _read_totals(record.metrics, errors)
-        for key, value in reads.items():
-            mlflow.log_metric(run_id, key, value)
-        if errors["samples"]:
-            mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
+        try:
+            result = trainer.fit()
+        except Exception:
+            # A failed run (the streaming check on unreadable images, a worker out of retries)
+            # records what it read too, never in place of its own error.
+            with contextlib.suppress(Exception):
+                _log_reads(mlflow, run_id, tracker)
+            raise
+        record, reads, samples = _log_reads(mlflow, run_id, tracker)
         diverged = record.tags.get(DIVERGED_TAG)
         if diverged is not None:
             raise FloatingPointError(diverged)
         # The streaming check judges a large corpus early; this one judges every row read, so a
         # small dataset with too many unreadable images is not passed on as a model.
-        judge_bad_fraction(
-            reads["data/rows_read"], reads["data/bad_reads"], errors["samples"], config.ingest
-        )
+        judge_bad_fraction(reads["data/rows_read"], reads["data/bad_reads"], samples, config.ingest)
         if result.checkpoint is None:
             raise RuntimeError(f"pretraining run {config.run_name} produced no checkpoint")
         metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
@@ -240,6 +241,23 @@ def run(
         figures.log_figure(mlflow, run_id, figures.training_curves(history), "figures/curves.png")
     path = storage_uri(result.checkpoint.path, config.storage_path)
     return PretrainResult(path, run_id, metrics)
+
+
+def _log_reads(
+    mlflow: MlflowClient, run_id: str, tracker: ray.actor.ActorHandle
+) -> tuple[RunData, dict[str, int], list[tuple[str, str]]]:
+    """Log what this invocation read (see `_read_totals`) and examples of unreadable images.
+
+    Returns the run's record as the workers left it, the totals, and the examples.
+    """
+    errors = ray.get(tracker.summary.remote())
+    record = mlflow.get_run(run_id).data
+    reads = _read_totals(record.metrics, errors)
+    for key, value in reads.items():
+        mlflow.log_metric(run_id, key, value)
+    if errors["samples"]:
+        mlflow.log_dict(run_id, {"bad_images": errors["samples"]}, "data_errors.json")
+    return record, reads, errors["samples"]
 
 
 def _read_totals(earlier: dict[str, float], errors: dict[str, Any]) -> dict[str, int]:
