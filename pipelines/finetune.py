@@ -37,7 +37,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from pipelines import figures, tracking
-from pipelines.datasets import describe, fingerprint, read_dataset
+from pipelines.datasets import describe, fingerprint, read_dataset, split_sizes
 from pipelines.ingest import IngestConfig, check_bad_fraction, start_error_tracker, to_tokens
 from pipelines.training import (
     autocast,
@@ -59,6 +59,7 @@ DATA_TAG = "vitray_data_fingerprint"  # on a registered version: the data it was
 MODEL_DIR = "model"  # in a trial checkpoint: the model, as registered and served
 TRIAL_STATE_FILE = "trial_state.pt"  # beside it: optimizer, schedule and step
 SELECTION_SPLITS = ("train", "dev")  # what trials see; the test split is read once, at the end
+TEST_SPLIT = "test"
 
 
 @dataclass(frozen=True)
@@ -255,16 +256,30 @@ def _tokens(
     batches = list(rows.iter_batches(batch_size=None, batch_format="numpy"))
     check_bad_fraction(tracker, ingest)
     if not any(len(b["label"]) for b in batches):
-        raise ValueError(
-            f"{dataset}: the {split} split has no images; fine-tuning trains on train, "
-            "chooses the learning rate on dev and reports test (a small set's held-out "
-            "splits are a share of its images: add images or declare the split's folder)"
-        )
+        raise _no_images(dataset, split)
     arrays = {
         "tokens": np.concatenate([b["tokens"] for b in batches]),
         "label": np.concatenate([b["label"] for b in batches]),
     }
     return arrays, ray.get(tracker.summary.remote())
+
+
+def _no_images(dataset: str, split: str) -> ValueError:
+    return ValueError(
+        f"{dataset}: the {split} split has no images; fine-tuning trains on train, chooses the "
+        "learning rate on dev and reports test (a small set's held-out splits are a share of "
+        "its images: add images or declare the split's folder)"
+    )
+
+
+def _refuse_empty_splits(dataset: str) -> None:
+    """Raise before any trial if a split is known to hold no images: the test split is read
+    only after the sweep. Known without reading an image (`split_sizes`: a folder's listing,
+    a manifest, the catalog); a source that only a read can count is judged by `_tokens`."""
+    sizes = split_sizes(dataset)
+    for split in (*SELECTION_SPLITS, TEST_SPLIT):
+        if sizes and not sizes.get(split):
+            raise _no_images(dataset, split)
 
 
 def _tune_dataset(
@@ -276,6 +291,7 @@ def _tune_dataset(
     uri: str,
 ) -> DatasetOutcome:
     start = time.perf_counter()
+    _refuse_empty_splits(dataset)
     info = describe(dataset)
     model_config = _model_config(pretrained, config, len(info.class_names))
     kind = "scratch" if config.from_scratch else "finetune"
@@ -358,7 +374,7 @@ def _tune_dataset(
         with best.checkpoint.as_directory() as directory:
             model_dir = Path(directory) / MODEL_DIR
             model, _ = vit_checkpoint.load(model_dir)
-            test, test_errors = _tokens(dataset, "test", model.config, config.ingest)
+            test, test_errors = _tokens(dataset, TEST_SPLIT, model.config, config.ingest)
             predictions = _predict(model, test)
             test_accuracy = float(np.mean(predictions == test["label"]))
             mlflow.log_artifacts(dataset_run, str(model_dir), "checkpoint")

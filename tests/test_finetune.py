@@ -428,6 +428,25 @@ def test_a_trial_that_tune_retries_after_an_error_trains_on_in_a_running_run(
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_a_split_without_images_is_refused_before_any_trial(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    """The test split is read once, after the sweep; a folder without one is refused before
+    the sweep spends its trials (its listing says so without reading an image)."""
+    folder = tmp_path / "no-test"
+    for split in ("train", "dev"):
+        for label in ("cat", "dog"):
+            (folder / split / label).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / split / label / "0.png")
+    config = small_sweep(pretrained, tmp_path, datasets=(str(folder),), steps=2, warmup_steps=1)
+    with pytest.raises(ValueError, match="no-test: the test split has no images"):
+        finetune.run(config)
+    experiment = tracking.experiment_id(config.experiment)
+    tuned = tracking.client().search_runs([experiment], f"tags.vitray_dataset = '{folder}'")
+    assert tuned == []  # no dataset run, so no trial either
+
+
+@pytest.mark.usefixtures("ray_local")
 def test_a_folder_dataset_registers_under_its_folder_name(pretrained: Path, tmp_path: Path) -> None:
     """MLflow refuses '/' and ':' in model names, so `vit-/data/pets` cannot be the name."""
     folder = tmp_path / "pets"
