@@ -26,7 +26,6 @@ from pipelines.finetune import FinetuneConfig
 from pipelines.ingest import DataQualityError, IngestConfig
 from pipelines.pipeline import PipelineConfig, StageCache, cached_sweep
 from pipelines.pretrain import PretrainConfig
-from pipelines.sources import empty_rows
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
 from vit.config import Preprocessing
@@ -401,14 +400,15 @@ def test_datasets_sharing_a_model_name_may_be_tuned_when_nothing_is_registered()
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_an_empty_split_is_named_not_left_to_a_numpy_error(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A tiny folder can leave its hash-held-out dev split without a single image."""
-    monkeypatch.setattr(finetune, "read_dataset", lambda dataset, split: empty_rows())
+def test_an_empty_split_is_named_not_left_to_a_numpy_error(tmp_path: Path) -> None:
+    """A set that declares its train and test folders holds no dev image at all."""
+    folder = tmp_path / "tiny-folder"
+    for split in ("train", "test"):
+        (folder / split / "cat").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / split / "cat" / "0.png")
     model = ViTConfig(image_size=8, patch_size=2, width=32, depth=1, mlp_dim=64, num_heads=2)
     with pytest.raises(ValueError, match="tiny-folder: the dev split has no images"):
-        finetune._tokens("tiny-folder", "dev", model, IngestConfig())
+        finetune._tokens(str(folder), "dev", model, IngestConfig())
 
 
 def test_a_trial_that_tune_retries_after_an_error_trains_on_in_a_running_run(
