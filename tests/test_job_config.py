@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from types import ModuleType
@@ -10,10 +9,11 @@ from types import ModuleType
 import pytest
 import ray
 
+from jobs import pipeline as pipeline_job
 from jobs import pretrain as pretrain_job
 from jobs import serve as serve_job
 from jobs import tune as tune_job
-from jobs.common import add_common_arguments, load_config
+from jobs.common import load_config
 from pipelines.pipeline import PipelineConfig
 
 PIPELINE = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.py")
@@ -175,12 +175,14 @@ def test_a_config_file_for_another_job_is_refused_before_ray_starts(
     assert not ray.is_initialized()
 
 
-def test_a_default_config_set_by_the_job_still_applies() -> None:
-    """jobs/pipeline.py sets its --config default after `add_common_arguments`."""
-    parser = argparse.ArgumentParser()
-    add_common_arguments(parser)
-    parser.set_defaults(config=PIPELINE)
-    assert parser.parse_args([]).config == PIPELINE
+def test_the_pipeline_job_loads_its_default_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """jobs/pipeline.py sets its --config default after `add_common_arguments`: with none
+    given it loads the demo pipeline, which refuses a field it lacks before Ray starts."""
+    monkeypatch.chdir(Path(PIPELINE).parents[1])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit, match="PipelineConfig has no field 'no_such_field'"):
+        pipeline_job.main(["--smoke", "--set", "no_such_field=1"])
+    assert not ray.is_initialized()
 
 
 def test_settings_checked_together_may_be_set_in_any_order() -> None:

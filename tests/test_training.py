@@ -61,3 +61,6 @@ def test_an_unknown_decay_is_refused_not_trained_as_linear() -> None:
 
 def test_clipping_may_be_turned_off() -> None:
     PretrainConfig(grad_clip=float("inf"))
+    model = _model_with_gradients(30.0, 40.0)
+    assert clip_gradients(model, float("inf"), step=1, learning_rate=1e-3) == pytest.approx(50.0)
+    assert torch.equal(model.weight.grad, torch.tensor([[30.0, 40.0]]))  # left as they were

@@ -246,4 +246,11 @@ def test_full_stochastic_depth_drops_the_branch_without_nans() -> None:
     torch.manual_seed(0)
     model = VisionTransformer(tiny(num_classes=3, depth=2, drop_path=1.0)).train()
     torch.nn.init.normal_(model.head.weight)
-    assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+    images = torch.randn(2, 3, 32, 32)
+    logits = model(images)
+    assert torch.isfinite(logits).all()
+    last = model.blocks[-1]  # rates rise linearly over depth to drop_path: 1.0 here
+    with torch.no_grad():  # its residual branches are dropped: their weights cannot matter
+        for parameter in [*last.attn.parameters(), *last.mlp.parameters()]:
+            parameter.add_(1.0)
+    assert torch.equal(model(images), logits)

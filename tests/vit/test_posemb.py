@@ -71,6 +71,8 @@ def test_bf16_parameters_are_resampled_in_float32_and_keep_their_dtype() -> None
     original = smooth_embedding((8, 8)).bfloat16()
     resized = resample_pos_embed(original, (8, 8), (12, 12), 1)
     assert resized.dtype == torch.bfloat16
+    in_float32 = resample_pos_embed(original.float(), (8, 8), (12, 12), 1)
+    assert torch.equal(resized, in_float32.bfloat16())  # rounded once, at the end
 
 
 def test_a_token_count_that_does_not_match_the_grid_is_rejected() -> None:
