@@ -4,8 +4,10 @@
 
 Data: real images written once to a temporary folder and to Parquet shards: the Tux Paint stamps
 as their original PNGs and re-encoded as JPEGs, plus Fashion-MNIST images as PNGs. Every
-contender runs the same `pipelines.ingest.image_to_tokens` (decode, resize + centre crop,
-channels, uint8 patchify) for a 64 px, patch-8 RGB model, over the same files.
+contender runs the same `pipelines.ingest.image_to_tokens` (decode, resize to 64x64: the
+config sets no `resize_size`, so no border is cropped; channels, uint8 patchify) for a 64 px,
+patch-8 RGB model, over the same files. The bare PIL loop decodes every JPEG at full size, where
+`image_to_tokens` lets Pillow decode a large one at a reduced size.
 
 Timings are whole passes after one warm-up pass, median over passes, alternating contenders.
 """
@@ -67,10 +69,9 @@ def build_corpus(root: Path) -> tuple[Path, Path, list[Path]]:
             "label": [classes.index(p.parent.name) for p in files],
         }
     )
-    for shard in range(4):
-        pq.write_table(
-            table.slice(shard * len(files) // 4, len(files) // 4 + 1), parquet / f"{shard}.parquet"
-        )
+    for shard in range(4):  # every file in exactly one shard
+        start, stop = shard * len(files) // 4, (shard + 1) * len(files) // 4
+        pq.write_table(table.slice(start, stop - start), parquet / f"{shard}.parquet")
     return folder, parquet, files
 
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.pretrain_demo import MODEL
 from jobs.common import HIGH_THROUGHPUT_ENV
 from pipelines.ingest import image_to_tokens
-from pipelines.serve import ServeConfig, build_app
+from pipelines.serve import TOKEN_ENV, ServeConfig, build_app
 from vit import VisionTransformer
 from vit import checkpoint as vit_checkpoint
 
@@ -229,12 +229,14 @@ def main() -> None:
         directory = Path(tmp) / "model"
         vit_checkpoint.save(VisionTransformer(config), directory)
         results = {}
+        # The clients send no bearer token: a VITRAY_API_TOKEN here would refuse every request.
+        env = {name: value for name, value in os.environ.items() if name != TOKEN_ENV}
         for ingress in args.ingress:
             child = subprocess.run(
                 [sys.executable, __file__, "--child", str(directory), "--seconds",
                  str(args.seconds), "--rounds", str(args.rounds),
                  "--clients", *map(str, args.clients)],
-                env={**os.environ, **INGRESSES[ingress]}, capture_output=True, text=True,
+                env={**env, **INGRESSES[ingress]}, capture_output=True, text=True,
                 check=True,
             )  # fmt: skip
             results[ingress] = json.loads(child.stdout.strip().splitlines()[-1])
