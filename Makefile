@@ -16,7 +16,7 @@ venv: $(READY)
 # No file prerequisites: the stamp's name carries the hash, and a fresh clone's new file times
 # must not force a rebuild of a cached venv.
 $(READY):
-	@echo "vitray: building $(VENV) from requirements.lock (about 3 minutes on 2 cores, 6.5 GB)"
+	@echo "vitray: building $(VENV) from requirements.lock (2-5.5 minutes on 2 cores, 6.5 GB)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir --no-compile -r requirements.lock

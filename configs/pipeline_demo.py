@@ -2,7 +2,8 @@
 
 Command:   make demo        (= .venv/bin/python -m jobs.pipeline --config configs/pipeline_demo.py)
 Smoke:     .venv/bin/python -m jobs.pipeline --smoke      (what tests/test_pipeline.py runs)
-Expected:  about 10.5 minutes on 2 CPU cores (plus the one-time venv build); see docs/results.md.
+Expected:  5.6-10.4 minutes on 2 CPU cores, by the VM (plus the one-time venv build); see
+           docs/results.md.
 """
 
 import dataclasses

@@ -1,6 +1,6 @@
 """The README's main command: the paper's recipe end to end on the embedded data.
 
-    python -m jobs.pipeline                          # configs/pipeline_demo.py, ~11 min, 2 cores
+    python -m jobs.pipeline                          # configs/pipeline_demo.py, 6-10 min, 2 cores
     python -m jobs.pipeline --smoke                  # minutes: what the tests run
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pipeline_demo.py
 
