@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import LifecycleStage, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -27,28 +27,72 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 RUNS_DIR = Path("runs")
 DEFAULT_EXPERIMENT = "vitray"
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for its driver
 
 
 def tracking_uri() -> str:
-    """The configured tracking URI, else a SQLite database under ./runs (absolute, for workers).
+    """The configured tracking URI, else a SQLite database under ./runs; absolute either way.
 
-    The default serves one machine. In a process joined to a Ray cluster of several nodes it
-    would be a file beside this driver, which the workers on the other nodes cannot reach (they
-    would each log to a database of their own) and which `ray job submit` deletes with the job's
-    working directory: refused there, naming the fix.
+    Absolute because the driver hands it to Ray Train workers and Tune trials, which run in
+    directories of their own. The default serves one machine, and is refused where it would not
+    be the user's database (`_default_store_refusal`), naming the fix.
     """
     configured = os.environ.get("MLFLOW_TRACKING_URI")
     if configured:
-        return configured
-    ray = sys.modules.get("ray")  # not imported: no cluster joined, and no import cost
-    if ray is not None and ray.is_initialized() and sum(n["Alive"] for n in ray.nodes()) > 1:
+        return _absolute_sqlite(configured)
+    refusal = _default_store_refusal()
+    if refusal:
         raise RuntimeError(
-            "MLFLOW_TRACKING_URI is not set on a Ray cluster of several nodes: set it to a "
-            "tracking server every node reaches (cluster.yaml runs one on the head node, port "
-            "5000; see docs/cluster.md), or to a sqlite:/// path if one machine's file is meant"
+            f"MLFLOW_TRACKING_URI is not set {refusal}: set it to a tracking server every node "
+            "reaches (cluster.yaml runs one on the head node, port 5000; see docs/cluster.md), "
+            "or to a sqlite:/// path if one machine's file is meant"
         )
     RUNS_DIR.mkdir(exist_ok=True)
     return f"sqlite:///{(RUNS_DIR / 'mlflow.db').resolve()}"
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """A `sqlite:///runs/mlflow.db` URI (the form `mlflow ui` is given) made absolute here.
+
+    A worker or trial opening the relative path from its own directory would create another,
+    empty database and fail on the driver's runs ("Run with id=... not found").
+    """
+    if not uri.startswith("sqlite:///"):
+        return uri
+    database, separator, query = uri.removeprefix("sqlite:///").partition("?")
+    if database in ("", ":memory:") or os.path.isabs(database):
+        return uri
+    return f"sqlite:///{Path(database).resolve()}{separator}{query}"
+
+
+def _default_store_refusal() -> str | None:
+    """Why the default database would not serve this process, or None where it does.
+
+    On a Ray cluster of several nodes it would be a file beside this driver, which the workers
+    on the other nodes cannot reach (they would each log to a database of their own). A driver
+    started by `ray job submit --working-dir` runs in the job's temporary copy of that folder:
+    the file would be left there, a new one for every submission, and the cluster may grow
+    after the check (cluster.yaml starts with the head alone and adds GPU nodes on demand).
+    """
+    if _runs_in_submitted_working_dir():
+        return "in a job started by `ray job submit --working-dir`"
+    ray = sys.modules.get("ray")  # not imported: no cluster joined, and no import cost
+    if ray is not None and ray.is_initialized() and sum(n["Alive"] for n in ray.nodes()) > 1:
+        return "on a Ray cluster of several nodes"
+    return None
+
+
+def _runs_in_submitted_working_dir() -> bool:
+    """Whether Ray's job supervisor started this driver with a `working_dir` (its job config,
+    runtime environment included, is handed to the driver in `RAY_JOB_CONFIG_ENV`)."""
+    text = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if not text:
+        return False
+    try:
+        runtime_env = json.loads(text).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return False
+    return bool(runtime_env.get("working_dir"))
 
 
 def client(uri: str | None = None) -> MlflowClient:
@@ -58,9 +102,20 @@ def client(uri: str | None = None) -> MlflowClient:
 
 def experiment_id(name: str = DEFAULT_EXPERIMENT, uri: str | None = None) -> str:
     """Get or create an experiment; with SQLite its artifacts go to `mlartifacts` beside the
-    database (runs/mlartifacts for the default one)."""
+    database (runs/mlartifacts for the default one).
+
+    One deleted in the UI keeps its name until removed for good, and MLflow refuses new runs in
+    it as "experiment 1 must be in the 'active' state": refused here by name, with the ways out.
+    """
     mlflow = client(uri)
     existing = mlflow.get_experiment_by_name(name)
+    if existing is not None and existing.lifecycle_stage == LifecycleStage.DELETED:
+        number = existing.experiment_id
+        raise RuntimeError(
+            f"MLflow experiment {name!r} (id {number}) is deleted: restore it (in the UI, or "
+            f"`mlflow experiments restore --experiment-id {number}`), or name another "
+            "experiment"
+        )
     if existing is not None:
         return existing.experiment_id
     location = None

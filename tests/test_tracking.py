@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,45 @@ def test_the_default_store_keeps_its_artifacts_under_runs(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     experiment = tracking.client().get_experiment(tracking.experiment_id("vitray"))
     assert experiment.artifact_location == (tmp_path / "runs/mlartifacts/vitray").as_uri()
+
+
+@pytest.mark.parametrize("query", ["", "?timeout=20"])
+def test_a_relative_sqlite_uri_is_handed_out_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """Ray Train workers and Tune trials run in directories of their own: given the driver's
+    `sqlite:///runs/mlflow.db`, each opened another database and failed on the driver's runs
+    ("Run with id=... not found")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///runs/mlflow.db{query}")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'runs/mlflow.db'}{query}"
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////srv/mlflow.db", "http://head:5000", "sqlite://"])
+def test_other_uris_are_handed_out_as_given(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.tracking_uri() == uri
+
+
+def test_the_default_store_is_refused_in_a_submitted_jobs_working_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ray job submit --working-dir` runs the driver in a temporary copy, on a cluster that may
+    add nodes after the job starts (cluster.yaml starts with its head alone)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # What Ray's job supervisor hands the driver it starts.
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    with pytest.raises(RuntimeError, match="ray job submit --working-dir"):
+        tracking.tracking_uri()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_in_a_deleted_experiment_is_refused_by_name(tmp_path: Path) -> None:
+    """Deleted in the UI, the experiment keeps its name; MLflow's own error named only its id."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.start_run("first", uri=uri)
+    tracking.client(uri).delete_experiment(tracking.experiment_id(uri=uri))
+    with pytest.raises(RuntimeError, match=r"'vitray' \(id 1\) is deleted: restore it"):
+        tracking.start_run("second", uri=uri)
