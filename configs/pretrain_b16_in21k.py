@@ -1,7 +1,10 @@
 """Paper-scale pretraining: ViT-B/16 on an ImageNet-21k-style Parquet corpus, 8 GPUs.
 
-Command:   ray job submit --working-dir . -- python -m jobs.pretrain \
-               --config configs/pretrain_b16_in21k.py --set dataset=s3://BUCKET/in21k
+Command:   ray job submit --working-dir . \
+             --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_IP:5000"}}' \
+             -- python -m jobs.pretrain \
+             --config configs/pretrain_b16_in21k.py --set dataset=s3://BUCKET/in21k
+           (HEAD_IP: the head node's private IP, as in docs/cluster.md)
            (shards written once by `python -m jobs.prepare SOURCE s3://BUCKET/in21k`)
 Expected:  derived, not measured here: 90 epochs of 14M images at batch 4096 is ~310k steps;
            at ~3,000 img/s per H100 in bf16 (about 30% MFU) that is ~4.9 days on 8 GPUs.

@@ -1,7 +1,9 @@
 """Attention rollout, attention distance, position similarity and embedding filters of a checkpoint.
 
     python -m jobs.analyze --checkpoint runs/train/pretrain-demo --dataset fashion-mnist
-    ray job submit --working-dir . -- python -m jobs.analyze --checkpoint DIR --dataset NAME
+    ray job submit --working-dir . \
+        --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_PRIVATE_IP:5000"}}' \
+        -- python -m jobs.analyze --checkpoint DIR --dataset NAME
 
 Writes the four figures of the paper's Fig. 6 and Fig. 7 as PNGs under ``--out`` and logs them to
 one MLflow run (``vitray_stage=analyze``), linked to the run that produced the checkpoint. Under

@@ -1,7 +1,9 @@
 """Few-shot linear evaluation of a checkpoint (the ViT paper's ridge-regression probe).
 
     python -m jobs.fewshot --checkpoint runs/ckpt/model --dataset digits [--shots 1 5 10 25]
-    ray job submit --working-dir . -- python -m jobs.fewshot --checkpoint DIR --dataset NAME
+    ray job submit --working-dir . \
+        --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_PRIVATE_IP:5000"}}' \
+        -- python -m jobs.fewshot --checkpoint DIR --dataset NAME
 
 ``--checkpoint`` is a ``vit.checkpoint`` directory (or a pretraining checkpoint holding one under
 ``model/``). Accuracy is the mean (and std) over ``--seeds`` draws of k training images per

@@ -2,7 +2,9 @@
 
     python -m jobs.pipeline                          # configs/pipeline_demo.py, 6-10 min, 2 cores
     python -m jobs.pipeline --smoke                  # minutes: what the tests run
-    ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pipeline_demo.py
+    ray job submit --working-dir . \
+        --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_PRIVATE_IP:5000"}}' \
+        -- python -m jobs.pipeline --config configs/pipeline_demo.py
 
 Prepares Fashion-MNIST as Parquet shards, pretrains a small ViT on it, measures few-shot transfer,
 fine-tunes with Ray Tune on mnist-5k, digits and tuxpaint (and the same search from scratch),

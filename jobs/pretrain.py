@@ -1,7 +1,9 @@
 """Pretrain a ViT with Ray Train.
 
     python -m jobs.pretrain --config configs/pretrain_demo.py [--smoke] [--resume]
-    ray job submit --working-dir . -- python -m jobs.pretrain --config configs/pretrain_b16_in21k.py
+    ray job submit --working-dir . \
+        --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_PRIVATE_IP:5000"}}' \
+        -- python -m jobs.pretrain --config configs/pretrain_b16_in21k.py
 
 A run is named by its config's `run_name`. Starting a run whose name already has checkpoints is
 refused unless `--resume` says to continue it, so a finished or crashed run is never silently
