@@ -482,7 +482,7 @@ def _ran_its_course(result: Any, steps: int, stopped_by_scheduler: set[str]) -> 
     return result.metrics.get("trial_id") in stopped_by_scheduler
 
 
-def _best(finished: list[Any], steps: int) -> Any:
+def _best(finished: list[tune.Result], steps: int) -> tune.Result:
     """The trial with the best dev accuracy among those that ran every step, if any did.
 
     ASHA stops a trial at a rung, before its learning rate has decayed: its last dev accuracy

@@ -70,7 +70,7 @@ def test_unknown_dataset_fails_before_logging(
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(Exception, match="no-such-dataset"):
+    with pytest.raises(FileNotFoundError, match="'no-such-dataset' is neither a catalog dataset"):
         analyze_job.main(["--checkpoint", str(checkpoint_dir), "--dataset", "no-such-dataset"])
     assert not tracking.client(uri).search_experiments(filter_string="name = 'vitray'")
 

@@ -11,13 +11,13 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ray.tune import Result
 from ray.util.state import list_actors
 
 from pipelines import finetune, tracking
@@ -322,8 +322,8 @@ def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(
 
 def test_the_best_trial_is_chosen_among_those_that_ran_every_step() -> None:
     """A trial ASHA stopped early is compared only when none ran to the end."""
-    stopped = SimpleNamespace(metrics={"dev_accuracy": 0.9, "step": 20})
-    completed = SimpleNamespace(metrics={"dev_accuracy": 0.8, "step": 80})
+    stopped = Result({"dev_accuracy": 0.9, "step": 20}, checkpoint=None, error=None, path="a")
+    completed = Result({"dev_accuracy": 0.8, "step": 80}, checkpoint=None, error=None, path="b")
     assert finetune._best([stopped, completed], steps=80) is completed
     assert finetune._best([stopped], steps=80) is stopped
 

@@ -117,7 +117,9 @@ def test_import_registers_in_mlflow_and_exports(
     assert check_onnx_parity(model, onnx_path, pixels) < 1e-4
 
 
-def test_timm_pooling_is_an_argument_and_refused_where_unrepresentable(tmp_path: Path) -> None:
+def test_timm_pooling_is_an_argument_and_refused_where_unrepresentable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.manual_seed(0)
     model = timm_vit.VisionTransformer(
         img_size=32,
@@ -138,6 +140,7 @@ def test_timm_pooling_is_an_argument_and_refused_where_unrepresentable(tmp_path:
     with pytest.raises(SystemExit) as usage:  # a timm-only flag on another format
         import_weights.main([*argv[:1], "npz", *argv[2:], "--global-pool", "avg"])
     assert usage.value.code == 2
+    assert "--global-pool and --no-embed-class describe timm models only" in capsys.readouterr().err
 
 
 def hf_directory(directory: Path, image_size: tuple[int, int]) -> transformers.ViTModel:

@@ -88,6 +88,12 @@ def _worker(
         optimizer.zero_grad(set_to_none=True)
     weights, optimizer_state = parallel.full_state(model, optimizer)
     divergence = parallel.replica_divergence(model)
+    # A replica nudged out of step on one rank, after the weights were handed over: the
+    # divergence metric must see it (0.0 for it would make the check above say nothing).
+    if divergence is not None and rank == world - 1:
+        with torch.no_grad():
+            next(model.parameters()).add_(0.25)
+    nudged = parallel.replica_divergence(model)
     if rank == 0:
         results.put(
             {
@@ -95,6 +101,7 @@ def _worker(
                 "optimizer": optimizer_state,
                 "held": held,
                 "divergence": divergence,
+                "nudged_divergence": nudged,
             }
         )
     dist.barrier()
@@ -130,6 +137,7 @@ def test_fsdp_trains_exactly_as_ddp_holding_half_the_weights_on_each_worker(ddp_
     assert ddp_run["held"] == [total] * WORLD  # replicas
     assert sum(fsdp_run["held"]) == total and max(fsdp_run["held"]) < 0.55 * total  # shards
     assert ddp_run["divergence"] == 0.0
+    assert ddp_run["nudged_divergence"] > 0.0  # the metric does see replicas that differ
     assert fsdp_run["divergence"] is None  # no replicas to compare
     untrained = VisionTransformer(CONFIG).state_dict()
     assert any((untrained[k] - ddp_run["model"][k]).abs().max() > 1e-3 for k in untrained)

@@ -145,12 +145,9 @@ def cluster() -> Iterator[Cluster]:
         )  # fmt: skip
         ray_cli("start", f"--address=127.0.0.1:{port}", *node_options(worker_dir), env=env)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{mlflow_uri}/health", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(1)
+        while not answers(f"{mlflow_uri}/health"):
+            assert time.monotonic() < deadline, f"the MLflow server at {mlflow_uri} never answered"
+            time.sleep(1)
         yield Cluster(f"http://127.0.0.1:{dashboard}", env, mlflow_uri, Path(root) / "out")
     finally:
         kill_processes_mentioning(root)

@@ -568,10 +568,12 @@ def test_the_batch_route_refuses_attention_instead_of_ignoring_it(
 
 
 def test_query_client_reports_a_model_name_it_cannot_send(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    endpoint: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """HTTP headers carry Latin-1 only: a reason and exit 1, not a traceback."""
+    url, _ = endpoint
     image = tmp_path / "photo.jpg"
-    image.write_bytes(b"jpeg")
-    assert query.main([str(image), "--url", "http://127.0.0.1:9", "--model", "модель"]) == 1
-    assert "photo.jpg" in capsys.readouterr().err
+    image.write_bytes(real_images()[0])
+    assert query.main([str(image), "--url", url, "--model", "модель"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"{image}: ") and "'latin-1' codec can't encode" in error
