@@ -58,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         fractions = _fractions(args.dev_fraction, args.test_fraction)
+        config = PrepareConfig(args.source, args.output, args.rows_per_shard, fractions, args.force)
     except ValueError as err:
         parser.error(str(err))  # exits 2 with the usage line, before Ray starts
-    config = PrepareConfig(args.source, args.output, args.rows_per_shard, fractions, args.force)
     connect(args.address)
     try:
         result = prepare(config)

@@ -64,6 +64,11 @@ class PrepareConfig:
     fractions: SplitFractions | None = None
     force: bool = False
 
+    def __post_init__(self) -> None:
+        """Refused here, before the job starts Ray or reads the source."""
+        if self.rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be positive, got {self.rows_per_shard}")
+
 
 @dataclass(frozen=True)
 class PrepareResult:
@@ -226,8 +231,6 @@ def prepare(
     output_filesystem: pafs.FileSystem | None = None,
 ) -> PrepareResult:
     """Run one conversion (see the module docstring for the guarantees)."""
-    if config.rows_per_shard < 1:
-        raise ValueError("rows_per_shard must be positive")
     fs, root = resolve_uri(config.output, output_filesystem)
     _check_apart(config, fs, root, source_filesystem)
     params = {

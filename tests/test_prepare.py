@@ -231,14 +231,23 @@ def test_a_source_with_images_of_one_class_is_refused_and_the_old_output_kept(
     assert json.loads((out / "manifest.json").read_text())["checksum"] == first.checksum
 
 
-@pytest.mark.parametrize("option", ["--dev-fraction", "--test-fraction"])
-def test_cli_reports_a_bad_fraction_as_a_usage_error(
-    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("--dev-fraction", "1.5", "split fractions must lie in [0, 1)"),
+        ("--test-fraction", "1.5", "split fractions must lie in [0, 1)"),
+        ("--rows-per-shard", "0", "rows_per_shard must be positive, got 0"),
+    ],
+)
+def test_cli_reports_a_bad_option_as_a_usage_error(
+    option: str, value: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """With the usage line, before Ray starts (argparse's exit 2, not the job's own)."""
     with pytest.raises(SystemExit) as exit_info:
-        prepare_job.main(["digits", str(tmp_path / "out"), option, "1.5"])
+        prepare_job.main(["digits", str(tmp_path / "out"), option, value])
     assert exit_info.value.code == 2
-    assert "split fractions must lie in [0, 1)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("usage:") and reason in error
 
 
 def test_cli_reports_a_bad_label_read_by_a_ray_task_in_one_line(
