@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.source_format != "timm" and (args.global_pool or args.no_embed_class):
         parser.error("--global-pool and --no-embed-class describe timm models only")
     try:
+        tracking.check_alias(args.alias)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         model, weights = convert(args)
     except ValueError as error:  # a ConversionError, or a config the weights cannot have
         raise SystemExit(f"cannot import {args.path}: {error}") from None

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -244,6 +245,17 @@ def registered_model_name(dataset: str) -> str:
     return "vit-" + path.rsplit("/", 1)[-1].replace(":", "-")
 
 
+def check_alias(alias: str) -> None:
+    """Refuse an alias the registry would refuse, before a version is made for it: MLflow judges
+    an alias only when it is set, which is after the version exists (left without one)."""
+    reserved = alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias)
+    if reserved or not re.fullmatch(r"[\w-]{1,255}", alias):
+        raise ValueError(
+            f"alias {alias!r}: use letters, digits, _ and - (at most 255), and neither 'latest' "
+            "nor v<number>, which the registry keeps for versions"
+        )
+
+
 def register_model(
     name: str,
     run_id: str,
@@ -253,6 +265,7 @@ def register_model(
     uri: str | None = None,
 ) -> str:
     """Register a run's artifact folder as a new version of `name` and point `alias` at it."""
+    check_alias(alias)
     mlflow = client(uri)
     # Looked up by name, not with a search filter: a name holding a quote (a dataset folder
     # "bob's pets", `--register "bob's"`) breaks the filter string's syntax.

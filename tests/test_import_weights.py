@@ -223,6 +223,22 @@ def test_a_failed_import_ends_its_run_failed(
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.parametrize("alias", ["latest", "v3", "my champion"])
+def test_an_alias_the_registry_refuses_is_refused_before_anything_is_registered(
+    timm_file: tuple[timm_vit.VisionTransformer, Path],
+    tmp_path: Path,
+    mlflow_here: str,
+    alias: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, path = timm_file
+    argv = ["--from", "timm", str(path), "--out", str(tmp_path / "ckpt"), "--num-heads", "2"]
+    with pytest.raises(SystemExit) as usage:
+        import_weights.main([*argv, "--register", "vit-imported", "--alias", alias])
+    assert usage.value.code == 2 and f"alias {alias!r}" in capsys.readouterr().err
+    assert not tracking.client(mlflow_here).search_registered_models()  # no version left aliasless
+
+
 def test_a_directory_is_not_called_missing(tmp_path: Path) -> None:
     """timm's Hub downloads are folders: say to pick the file in it, not that nothing is there."""
     folder = tmp_path / "vit_base_patch16_224"
