@@ -104,6 +104,8 @@ class FinetuneConfig:
             raise ValueError(f"{', '.join(wrong)} must be at least 1")
         if self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
+        if self.max_failures < 0:  # Tune's -1 retries for ever, a diverged trial included
+            raise ValueError(f"max_failures must be 0 or more, got {self.max_failures}")
         self._check_recipe()
         if self.register and not self.from_scratch:  # `/a/flowers`, `/b/flowers`: one model
             first_of: dict[str, str] = {}

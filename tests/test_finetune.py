@@ -358,6 +358,7 @@ def test_a_higher_fine_tuning_resolution_scales_the_evaluation_resize() -> None:
         ({"learning_rates": (0.01, 0.0)}, "learning rates must be positive"),
         ({"warmup_steps": -1}, "warmup_steps must be 0 or more"),
         ({"reduction_factor": 1}, "reduction_factor must be at least 2"),
+        ({"max_failures": -1}, "max_failures must be 0 or more, got -1"),
         ({"learning_rates": (float("nan"),)}, "learning rates must be positive"),
         ({"grad_clip": 0.0}, "grad_clip must be positive"),
         ({"grad_clip": -1.0}, "grad_clip must be positive"),
