@@ -315,7 +315,8 @@ class VisionTransformer(nn.Module):
                 self.config.num_prefix_tokens,
                 self.config.pos_embed_interpolation,
             )
-            self.pos_embed = nn.Parameter(resized)
+            # A table frozen for fine-tuning stays frozen.
+            self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
         else:
             self.pos_embed = self._sincos_table().to(self.pos_embed.device, self.pos_embed.dtype)
 

@@ -190,6 +190,16 @@ def test_resize_pos_embed_changes_resolution_and_keeps_the_class_token_row() -> 
     assert sincos(torch.randn(1, 3, 40, 24)).shape == (1, 1000)
 
 
+def test_resize_pos_embed_keeps_a_frozen_table_frozen() -> None:
+    model = VisionTransformer(tiny())
+    model.pos_embed.requires_grad_(False)
+    model.resize_pos_embed(64)
+    assert not model.pos_embed.requires_grad
+    trainable = VisionTransformer(tiny())
+    trainable.resize_pos_embed(64)
+    assert trainable.pos_embed.requires_grad
+
+
 def test_resize_pos_embed_scales_the_evaluation_resize_with_the_crop() -> None:
     """A 90% centre crop at 32 px stays a 90% crop at 64 px: the resize must not stay at 36."""
     model = VisionTransformer(tiny(preprocessing=Preprocessing(resize_size=36)))
