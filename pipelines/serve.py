@@ -568,8 +568,10 @@ def build_app(config: ServeConfig) -> serve.Application:
         check_reference(reference)
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus, "num_gpus": int(config.use_gpu)}
     # Replicas resolve registry URIs against the caller's tracking server and see its token and
-    # model cache setting.
-    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    # model cache setting. Checkpoint folders alone need no tracking server.
+    env = {}
+    if any(reference.startswith(REGISTRY_PREFIX) for reference in config.models.values()):
+        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     token = api_token()
     if token is not None:
         env[TOKEN_ENV] = token

@@ -460,6 +460,22 @@ def test_settings_that_cannot_serve_are_refused_up_front(settings: dict, message
         ServeConfig(**settings)
 
 
+def test_checkpoints_served_from_a_submitted_job_need_no_tracking_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only registry models need MLflow. A job submitted with a working_dir, where the default
+    store is refused, still serves checkpoint folders."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))  # as Ray's job supervisor
+    config = ViTConfig(image_size=8, patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=2)
+    directory = vit_checkpoint.save(VisionTransformer(config), tmp_path / "model")
+    app = build_app(ServeConfig(models={"vit-x": str(directory)}, default_model="vit-x"))
+    assert isinstance(app, serve.Application)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("reference", "error", "message"),
     [
