@@ -88,9 +88,9 @@ def _worker(
         optimizer.zero_grad(set_to_none=True)
     weights, optimizer_state = parallel.full_state(model, optimizer)
     divergence = parallel.replica_divergence(model)
-    # A replica nudged out of step on one rank, after the weights were handed over: the
+    # A replica nudged out of step on the last rank (never rank 0, whose weights go back): the
     # divergence metric must see it (0.0 for it would make the check above say nothing).
-    if divergence is not None and rank == world - 1:
+    if divergence is not None and world > 1 and rank == world - 1:
         with torch.no_grad():
             next(model.parameters()).add_(0.25)
     nudged = parallel.replica_divergence(model)
