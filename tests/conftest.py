@@ -30,6 +30,19 @@ from jobs.common import HIGH_THROUGHPUT_ENV
 # replaced application would otherwise cost 30 s.
 SERVE_TEST_ENV = {**HIGH_THROUGHPUT_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
+# Files that are not what their name says: a cut-off download, the web page saved in its place,
+# an empty file.
+DAMAGES = ("truncated", "html", "empty")
+
+
+def damaged(data: bytes, damage: str) -> bytes:
+    """`data` spoiled as `damage` (one of `DAMAGES`) says."""
+    return {
+        "truncated": data[: len(data) // 2],
+        "html": b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
+        "empty": b"",
+    }[damage]
+
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:

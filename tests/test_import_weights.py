@@ -9,6 +9,7 @@ import timm.models.vision_transformer as timm_vit
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import DAMAGES, damaged
 
 from jobs import export as export_job
 from jobs import import_weights
@@ -188,21 +189,14 @@ def test_pickled_code_is_refused(zip_format: bool, tmp_path: Path) -> None:
     assert "not a readable PyTorch file" not in str(error.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "html", "empty"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_corrupt_or_foreign_file_is_not_called_pickled_code(
     damage: str, timm_file: tuple[timm_vit.VisionTransformer, Path], tmp_path: Path
 ) -> None:
     """A cut-off download, the web page saved in its place, an empty file: none holds code."""
     _, good = timm_file
-    data = good.read_bytes()
     path = tmp_path / "bad.pth"
-    path.write_bytes(
-        {
-            "truncated": data[: len(data) // 2],
-            "html": b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
-            "empty": b"",
-        }[damage]
-    )
+    path.write_bytes(damaged(good.read_bytes(), damage))
     with pytest.raises(SystemExit, match="not a readable PyTorch file") as error:
         import_weights.main(["--from", "timm", str(path), "--out", str(tmp_path / "out")])
     assert "unpickle" not in str(error.value)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.models.vision_transformer as tv_vit
 import transformers
+from conftest import DAMAGES, damaged
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
@@ -470,7 +471,7 @@ def test_another_class_count_gets_a_zero_head_and_loses_pre_logits(images: torch
 
 
 # ------------------------------------------------------------------------- damaged files
-@pytest.mark.parametrize("damage", ["truncated", "html", "empty"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_npz_or_safetensors_file_is_a_conversion_error(
     damage: str, tmp_path: Path
 ) -> None:
@@ -480,14 +481,7 @@ def test_a_damaged_npz_or_safetensors_file_is_a_conversion_error(
     to_npz(model, npz)
     save_file({k: v.contiguous() for k, v in to_hf(model).items()}, safetensors)
     for path, reader in ((npz, from_npz), (safetensors, from_hf)):
-        data = path.read_bytes()
-        path.write_bytes(
-            {
-                "truncated": data[: len(data) // 2],
-                "html": b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
-                "empty": b"",
-            }[damage]
-        )
+        path.write_bytes(damaged(path.read_bytes(), damage))
         with pytest.raises(ConversionError, match="corrupt, truncated or another format") as error:
             reader(path, num_heads=HEADS)
         assert "pickle" not in str(error.value)
