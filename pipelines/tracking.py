@@ -167,16 +167,25 @@ def ending(run_id: str, uri: str | None = None) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        mlflow.set_terminated(run_id, "KILLED")
+        _end_quietly(mlflow, run_id, "KILLED")
         raise
     except SystemExit as exit_:
         status = {None: "FINISHED", 0: "FINISHED", signal.SIGTERM: "KILLED"}.get(exit_.code)
-        mlflow.set_terminated(run_id, status or "FAILED")
+        _end_quietly(mlflow, run_id, status or "FAILED")
         raise
     except BaseException:
-        mlflow.set_terminated(run_id, "FAILED")
+        _end_quietly(mlflow, run_id, "FAILED")
         raise
     mlflow.set_terminated(run_id)
+
+
+def _end_quietly(mlflow: MlflowClient, run_id: str, status: str) -> None:
+    """End a run whose stage raised, never in place of the stage's own error: a tracking server
+    gone away would otherwise be the error the user sees, not what stopped the stage."""
+    try:
+        mlflow.set_terminated(run_id, status)
+    except Exception as error:
+        print(f"[tracking] could not mark run {run_id} {status}: {error}", file=sys.stderr)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:

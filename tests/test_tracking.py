@@ -34,6 +34,15 @@ def test_a_run_ends_with_the_status_of_its_block(
     assert tracking.client(uri).get_run(run_id).info.status == status
 
 
+def test_a_tracking_server_gone_away_does_not_replace_the_stage_s_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(ZeroDivisionError), tracking.ending("0" * 32, "http://127.0.0.1:9"):
+        raise ZeroDivisionError  # what stopped the stage
+    assert f"could not mark run {'0' * 32} FAILED" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("dataset", "name"),
     [
