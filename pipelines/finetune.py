@@ -33,6 +33,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -442,6 +443,9 @@ def _origin(from_scratch: bool) -> str:
     return "architecture" if from_scratch else "pretrain"
 
 
+_NO_CHAMPION = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
+
+
 def registry_alias(mlflow: MlflowClient, name: str, data: str, dev_accuracy: float) -> str:
     """CHAMPION for a model at least as good on dev as the current champion, else CHALLENGER.
 
@@ -452,7 +456,11 @@ def registry_alias(mlflow: MlflowClient, name: str, data: str, dev_accuracy: flo
     """
     try:
         current = mlflow.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no such model or alias yet
+    except MlflowException as error:
+        # No such model, or no such alias yet. Any other error (the registry unreachable for a
+        # moment) says nothing about the champion, so it must not crown this model.
+        if error.error_code not in _NO_CHAMPION:
+            raise
         return CHAMPION
     if current.tags.get(DATA_TAG) != data or DEV_ACCURACY_TAG not in current.tags:
         return CHAMPION

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 from ray.tune import Result
 from ray.util.state import list_actors
@@ -80,6 +81,15 @@ def test_a_champion_chosen_on_other_data_or_untagged_gives_way(
     register_champion("vit-digits", "digits", 0.5)
     assert alias(0.5) == "champion"  # as good: the newer model
     assert alias(0.49) == "challenger"
+
+
+def test_an_unreachable_registry_crowns_no_champion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only "no model" or "no alias yet" lets a model through unopposed; an error that says
+    nothing about the champion is raised."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    unreachable = tracking.client("http://127.0.0.1:9")
+    with pytest.raises(MlflowException, match=r"127\.0\.0\.1:9"):
+        finetune.registry_alias(unreachable, "vit-digits", fingerprint("digits"), 0.5)
 
 
 def small_sweep(pretrained: Path, tmp_path: Path, **settings: Any) -> FinetuneConfig:
