@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from vit.checkpoint import METADATA_FILE, CheckpointError
 from vit.model import VisionTransformer
 
 Decay = Literal["cosine", "linear"]
-DECAYS: tuple[Decay, ...] = ("cosine", "linear")
+DECAYS: tuple[Decay, ...] = get_args(Decay)
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -88,7 +88,7 @@ def check_decay(decay: str) -> None:
     """Refuse a decay this schedule does not know: it would otherwise decay linearly, silently
     (a config file builds its dataclass directly, past the job's check of `--set` values)."""
     if decay not in DECAYS:
-        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
+        raise ValueError(f"decay must be {' or '.join(map(repr, DECAYS))}, got {decay!r}")
 
 
 def check_schedule(warmup_steps: int, steps: int) -> None:
