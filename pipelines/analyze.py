@@ -29,7 +29,13 @@ STAGE = "analyze"
 
 
 def sample_tokens(dataset: str, config: ViTConfig, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` readable test images as model tokens (count, N, D) and labels."""
+    """The first `count` readable test images as model tokens (count, N, D) and labels.
+
+    `count` is checked before the split is opened: below 1 the loop would never stop early and
+    would decode (and the rollout figure draw) every test image.
+    """
+    if count < 1:
+        raise ValueError(f"need at least one image to analyse, got {count}")
     tokens, labels = [], []
     for row in read_dataset(dataset, "test").iter_rows():
         try:

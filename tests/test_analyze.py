@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from jobs import analyze as analyze_job
-from pipelines import figures, tracking
+from pipelines import analyze, figures, tracking
 from pipelines.datasets import DIGIT_CLASSES
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
@@ -86,3 +86,20 @@ def test_rollout_map_covers_exactly_its_image() -> None:
             assert (axis.get_xlim(), axis.get_ylim()) == ((-0.5, 11.5), (7.5, -0.5))
     finally:
         plt.close(figure)
+
+
+@pytest.mark.parametrize("images", [0, -3])
+def test_no_images_to_analyse_is_refused_before_the_split_is_read(
+    checkpoint_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: int
+) -> None:
+    """run_analysis is called by the pipeline and from notebooks, past the job's own check:
+    a count below 1 must not decode the whole test split into one giant rollout figure."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def read_dataset(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the test split was opened")
+
+    monkeypatch.setattr(analyze, "read_dataset", read_dataset)
+    with pytest.raises(ValueError, match=f"at least one image to analyse, got {images}"):
+        analyze.run_analysis(checkpoint_dir, "digits", images=images, uri=uri)
+    assert not tracking.client(uri).search_experiments(filter_string="name = 'vitray'")
