@@ -246,6 +246,15 @@ def image_channels(blobs: Iterable[bytes]) -> int:
     return 1 if modes and all(m in _GREY_MODES for m in modes) else 3
 
 
+def open_parquet(f: pa.NativeFile, path: str) -> pq.ParquetFile:
+    """``f`` as Parquet, or a ValueError naming ``path``: pyarrow's own error names no file,
+    and a source may be a folder of many, or a single file that is not Parquet at all."""
+    try:
+        return pq.ParquetFile(f)
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"{path}: not a Parquet file ({err})") from err
+
+
 def read_manifest(fs: pafs.FileSystem, directory: str) -> dict | None:
     """The ``manifest.json`` of a shard folder, or None where there is none."""
     path = f"{directory}/{MANIFEST_NAME}"
@@ -320,7 +329,8 @@ class _ReadUnits(Datasource):
 @dataclass(frozen=True)
 class FolderSource:
     """``root/<class>/**/<file>``, or ``root/<split>/<class>/**/<file>`` when every top folder
-    is a split name (train, val/dev, test). Class names are the sorted class folder names.
+    is a split name (train, val/dev, test, also as a Hive partition: ``split=train``). Class
+    names are the sorted class folder names.
 
     ``dirs`` maps each class folder (relative to root) to its label and declared split; splits
     the layout lacks (``missing``) are carved from train by key hash.
@@ -351,7 +361,7 @@ class FolderSource:
         """List the class folders (not the files) on the driver; ``class_names`` restricts and
         orders the classes (e.g. 6 of Tux Paint's 16 stamp categories)."""
         top = _children(fs, root, pafs.FileType.Directory)
-        splits = {d: SPLIT_ALIASES.get(d.lower()) for d in top}
+        splits = {d: split_of_folder(d) for d in top}
         if len(set(splits.values()) - {None}) > 1 and not all(splits.values()):
             # Read as classes, every image would be labelled with its split's (or folder's) name.
             raise FileNotFoundError(
@@ -560,8 +570,9 @@ class ParquetSource:
             files = tuple((r, split_of_path(r)) for r in sorted(rels) if is_parquet(r))
         if not files:
             raise FileNotFoundError(f"{path}: no Parquet files")
-        with fs.open_input_file(f"{root}/{files[0][0]}") as f:
-            schema = pq.read_schema(f)
+        first = f"{root}/{files[0][0]}"
+        with fs.open_input_file(first) as f:
+            schema = open_parquet(f, first).schema_arrow
         if not {"image", "label"} <= set(schema.names):
             raise ValueError(f"{path}: Parquet needs columns image and label, has {schema.names}")
         name = manifest.get("dataset") or posixpath.basename(path).removesuffix(".parquet")
@@ -572,11 +583,20 @@ class ParquetSource:
         class_names = self.class_names()  # first: it names a source without rows
         channels = self.manifest.get("num_channels")
         if channels is None:
-            first_file = f"{self.root}/{self.files[0][0]}"
-            with self.fs.open_input_file(first_file) as f:
-                first = next(pq.ParquetFile(f).iter_batches(batch_size=5, columns=["image"]))
-            channels = image_channels(_image_bytes(first.column(0), first_file).to_pylist())
+            channels = image_channels(self._first_images(5))
         return DatasetInfo(self.name, class_names, channels, self.manifest_split_sizes())
+
+    def _first_images(self, count: int) -> list[bytes]:
+        """The first ``count`` images of the first file that has rows: a split's file may be
+        empty, and sorted by name a test file comes before the train file."""
+        for rel, _ in self.files:
+            path = f"{self.root}/{rel}"
+            with self.fs.open_input_file(path) as f:
+                batches = open_parquet(f, path).iter_batches(batch_size=count, columns=["image"])
+                for batch in batches:
+                    if batch.num_rows:
+                        return _image_bytes(batch.column(0), path).to_pylist()
+        return []
 
     def manifest_split_sizes(self) -> dict[str, int] | None:
         """Rows per split from the manifest's counts; None without them (only a read counts)."""
@@ -589,12 +609,14 @@ class ParquetSource:
         names = self._named_classes()
         if names is not None:
             return names
-        labels = []
+        chunks = []
         for rel, _ in self.files:
-            with self.fs.open_input_file(f"{self.root}/{rel}") as f:
-                labels.append(pq.read_table(f, columns=["label"]).column(0))
-        values = pa.chunked_array(labels)
-        if values.null_count == len(values):  # nothing to count classes from (int: max is None)
+            path = f"{self.root}/{rel}"
+            with self.fs.open_input_file(path) as f:
+                chunks += open_parquet(f, path).read(columns=["label"]).column(0).chunks
+        # Missing labels name no class; the read refuses their rows, naming them.
+        values = pa.chunked_array(chunks, self.schema.field("label").type).drop_null()
+        if not len(values):  # nothing to count classes from
             raise ValueError(f"{self.root}: no labelled rows to derive class names from")
         if pa.types.is_integer(values.type):
             return tuple(str(i) for i in range(pc.max(values).as_py() + 1))
@@ -655,8 +677,9 @@ class ParquetSource:
             return named | frozenset(self.manifest["counts"])
         values: set[str | None] = set()
         for rel, _ in self.files:
-            with self.fs.open_input_file(f"{self.root}/{rel}") as f:
-                column = pq.read_table(f, columns=["split"]).column(0)
+            path = f"{self.root}/{rel}"
+            with self.fs.open_input_file(path) as f:
+                column = open_parquet(f, path).read(columns=["split"]).column(0)
             values.update(pc.unique(column).to_pylist())
         return named | frozenset(split_names(values, self.name))
 
@@ -708,7 +731,7 @@ def _parquet_rows(
     rel, file_split = file
     offset = 0
     with fs.open_input_file(f"{root}/{rel}") as f:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
+        for rb in open_parquet(f, f"{root}/{rel}").iter_batches(batch_size=256, columns=columns):
             if "key" in columns:
                 keys = rb.column("key").to_pylist()
             else:

@@ -72,6 +72,13 @@ def decode(blob: bytes) -> Image.Image:
     return image
 
 
+def grey_png() -> bytes:
+    """A small valid greyscale PNG."""
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(png, format="PNG")
+    return png.getvalue()
+
+
 def test_fashion_mnist_has_official_splits_and_real_class_names() -> None:
     info = catalog("fashion-mnist")
     assert info.class_names[:2] == ("T-shirt/top", "Trouser")
@@ -158,13 +165,12 @@ def test_folder_and_s3_sources_yield_the_same_rows(digits_folder: Path, moto_s3:
 def test_hidden_files_are_skipped_at_any_depth_and_camera_names_kept(tmp_path: Path) -> None:
     """macOS leaves ``._name.png`` beside every copied file, tools leave ``.cache/`` folders, in
     nested folders as much as in class folders; cameras name Adobe RGB photos ``_DSC0001.JPG``."""
-    png = io.BytesIO()
-    Image.new("L", (8, 8), 128).save(png, format="PNG")
+    png = grey_png()
     images = ["cat/a.png", "cat/_DSC0001.png", "cat/sub/b.png", "dog/c.png"]
     hidden = ["cat/._a.png", "cat/sub/._b.png", "cat/sub/.cache/d.png", "dog/sub/_tmp/e.png"]
     for rel in images + hidden:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(png.getvalue())
+        (tmp_path / rel).write_bytes(png)
     assert set(rows(read_dataset(str(tmp_path)))) == set(images)
 
 
@@ -377,6 +383,7 @@ def test_string_labels_without_manifest_become_sorted_class_names(tmp_path: Path
         ([0, 1, 2], ["a", "b"], "2"),  # more labels than the manifest names
         (["a", "b", "c"], ["a", "b"], "'c'"),  # a name the manifest lacks
         ([0, 1, None], None, "None"),
+        (["a", "b", None], None, "None"),  # class names derived from the others
     ],
 )
 def test_a_label_that_names_no_class_fails_the_read_naming_it(
@@ -391,6 +398,31 @@ def test_a_label_that_names_no_class_fails_the_read_naming_it(
         rows(read_dataset(str(tmp_path)))
 
 
+def test_an_empty_split_file_sorted_first_leaves_the_others_to_describe(tmp_path: Path) -> None:
+    """Hugging Face layout: ``data/test-...`` sorts before ``data/train-...``; an empty test file
+    must not hide the train file's labels or images (grey here: one channel)."""
+    png = grey_png()
+    (tmp_path / "data").mkdir()
+    empty = pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())})
+    pq.write_table(empty, tmp_path / "data" / "test-00000-of-00001.parquet")
+    train = pa.table({"image": [png] * 4, "label": [0, 1, 0, 1]})
+    pq.write_table(train, tmp_path / "data" / "train-00000-of-00001.parquet")
+    assert describe(str(tmp_path)) == DatasetInfo(tmp_path.name, ("0", "1"), 1)
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path: Path) -> None:
+    """pyarrow's error names no file: neither a single file given as the source nor which
+    of a folder's files is broken."""
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a dataset")
+    with pytest.raises(ValueError, match=r"photo.jpg: not a Parquet file"):
+        describe(str(tmp_path / "photo.jpg"))
+    table = pa.table({"image": [b"x", b"y"], "label": [0, 1]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    (tmp_path / "part-1.parquet").write_bytes(b"PAR1 cut off")
+    with pytest.raises(ValueError, match=r"part-1.parquet: not a Parquet file"):
+        describe(str(tmp_path))
+
+
 def test_split_folders_are_honoured(split_folder: Path) -> None:
     root = split_folder
     on_disk = {str(p.relative_to(root)) for p in root.rglob("*.*g") if not p.name.startswith(".")}
@@ -402,6 +434,21 @@ def test_split_folders_are_honoured(split_folder: Path) -> None:
     dev = {k for k, v in data.items() if v[2] == "dev"}
     assert dev and all(k.startswith("train/") for k in dev)
     assert describe(str(root)).class_names == ("seven", "three", "zero")
+
+
+def test_hive_split_folders_are_splits_not_classes(tmp_path: Path) -> None:
+    """Read as classes, ``split=train/`` and ``split=test/`` would label every image by split."""
+    png = grey_png()
+    files = [
+        f"split={s}/{c}/{i}.png" for s in ("train", "test") for c in ("cat", "dog") for i in (0, 1)
+    ]
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(png)
+    assert describe(str(tmp_path)).class_names == ("cat", "dog")
+    data = rows(read_dataset(str(tmp_path)))
+    assert {k: v[1] for k, v in data.items()} == {f: int("/dog/" in f) for f in files}
+    assert {k for k, v in data.items() if v[2] == "test"} == {f for f in files if "test" in f}
 
 
 def test_errors_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
