@@ -38,13 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         headers["serve_multiplexed_model_id"] = args.model
     failed = False
     for path in args.images:
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         try:
             response = requests.post(
                 f"{url}/v1/predict",
                 data=path.read_bytes(),
                 params=params,
-                headers={**headers, "Content-Type": content_type},
+                headers={**headers, "Content-Type": _content_type(path)},
                 timeout=args.timeout,
             )
         # ValueError: a header (--model, --token) that HTTP cannot carry, being beyond Latin-1.
@@ -71,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             failed = True
     return 1 if failed else 0
+
+
+def _content_type(path: Path) -> str:
+    """The image type the file name suggests, else application/octet-stream: the server reads
+    the image from its bytes, and a name that suggests another type (`scan.txt`, `photo.json`)
+    must not get the image refused or parsed as something else."""
+    guessed = mimetypes.guess_type(path.name)[0]
+    return guessed if guessed and guessed.startswith("image/") else "application/octet-stream"
 
 
 def _table(path: Path, body: dict) -> str:
