@@ -18,13 +18,14 @@ import base64
 import binascii
 import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +122,23 @@ def _registry_version(reference: str) -> Any:
     raise ValueError(f"{reference}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def check_reference(reference: str) -> None:
-    """Raise unless the reference names a readable checkpoint or an existing model version.
+def check_reference(reference: str) -> str:
+    """Raise unless the reference names a readable checkpoint or an existing model version;
+    return it with a registry alias replaced by the version the alias names now.
 
     `build_app` checks the whole table before Serve sees it: Serve stops a one-replica
     deployment's old replica before it starts the new one, so a redeploy with a mistyped path or
     a missing alias would otherwise take the endpoint down. Replicas do not check again: one
-    restarted while the registry is unreachable still serves its local models.
+    restarted while the registry is unreachable still serves its local models. They get the
+    pinned version, not the alias: replicas load models on first use, and one started after the
+    alias moved (autoscaling, a restart, a model back from LRU eviction) would otherwise serve
+    another version under the same name until the next deploy.
     """
     if reference.startswith(REGISTRY_PREFIX):
-        _registry_version(reference)
-    else:
-        vit_checkpoint.read_metadata(reference)
+        version = _registry_version(reference)
+        return f"{REGISTRY_PREFIX}{version.name}/{version.version}"
+    vit_checkpoint.read_metadata(reference)
+    return reference
 
 
 def resolve_model(reference: str) -> tuple[Path, dict[str, Any]]:
@@ -209,6 +215,12 @@ def api_token() -> str | None:
     return token.strip() if token is not None else None
 
 
+def token_digest(token: str) -> str:
+    """SHA-256 of a bearer token: what replicas hold and compare, so that the token itself never
+    leaves the process that deploys (a replica's arguments and environment are less guarded)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def model_cache_dir() -> Path:
     """Where registry models are downloaded: `$VITRAY_MODEL_CACHE`, else a folder of this user's
     in the temp dir. Replicas trust what they find there, so it is made private to this user;
@@ -233,12 +245,13 @@ def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> H
 @serve.deployment
 @serve.ingress(app)
 class ViTService:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, token_sha256: str | None) -> None:
+        """`token_sha256`: `token_digest` of the bearer token requests must carry, None for none."""
         self.config = config
         self.device = torch.device(
             "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
         )
-        self.token = api_token()
+        self.token_sha256 = token_sha256
         self.forward_passes = 0
         self.images_forwarded = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # the latest
@@ -377,11 +390,11 @@ class ViTService:
 
     # ----------------------------------------------------------------- request parsing
     def _authorise(self, request: Request) -> None:
-        if self.token is None:
+        if self.token_sha256 is None:
             return
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         supplied = credentials.strip() if scheme.lower() == "bearer" else ""  # RFC 7235: any case
-        if not hmac.compare_digest(supplied.encode(), self.token.encode()):
+        if not hmac.compare_digest(token_digest(supplied), self.token_sha256):
             raise _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     async def _body(self, request: Request) -> bytes:
@@ -563,21 +576,17 @@ class ViTService:
 
 def build_app(config: ServeConfig) -> serve.Application:
     """The Serve application for `serve.run`, `jobs/serve.py` and `serve deploy`; raises if a
-    model reference names no checkpoint or model version (see `check_reference`)."""
-    for reference in config.models.values():
-        check_reference(reference)
-    actor_options: dict[str, Any] = {"num_cpus": config.num_cpus, "num_gpus": int(config.use_gpu)}
-    # Replicas resolve registry URIs against the caller's tracking server and see its token and
-    # model cache setting. Checkpoint folders alone need no tracking server.
-    env = {}
-    if any(reference.startswith(REGISTRY_PREFIX) for reference in config.models.values()):
-        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    model reference names no checkpoint or model version (see `check_reference`), or if
+    `VITRAY_API_TOKEN` is set but empty. Replicas get the token's digest, never the token."""
+    config = replace(
+        config, models={name: check_reference(ref) for name, ref in config.models.items()}
+    )
     token = api_token()
-    if token is not None:
-        env[TOKEN_ENV] = token
-    if MODEL_CACHE_ENV in os.environ:
-        env[MODEL_CACHE_ENV] = os.environ[MODEL_CACHE_ENV]
-    actor_options["runtime_env"] = {"env_vars": env}
+    actor_options: dict[str, Any] = {
+        "num_cpus": config.num_cpus,
+        "num_gpus": int(config.use_gpu),
+        "runtime_env": {"env_vars": replica_env(config)},
+    }
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
         "ray_actor_options": actor_options,
@@ -591,7 +600,24 @@ def build_app(config: ServeConfig) -> serve.Application:
         }
     else:
         options["num_replicas"] = config.num_replicas
-    return ViTService.options(**options).bind(config)
+    return ViTService.options(**options).bind(
+        config, token_digest(token) if token is not None else None
+    )
+
+
+def replica_env(config: ServeConfig) -> dict[str, str]:
+    """Environment variables the replicas get from the deploying process: its tracking server
+    (for registry URIs; checkpoint folders alone need none) and model cache setting.
+
+    Never the bearer token: a runtime_env is shown to anyone who can open the Ray dashboard.
+    Replicas get its digest as an argument instead (see `build_app`).
+    """
+    env = {}
+    if any(reference.startswith(REGISTRY_PREFIX) for reference in config.models.values()):
+        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    if MODEL_CACHE_ENV in os.environ:
+        env[MODEL_CACHE_ENV] = os.environ[MODEL_CACHE_ENV]
+    return env
 
 
 def deploy(config: ServeConfig) -> str:

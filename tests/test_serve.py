@@ -35,6 +35,7 @@ from pipelines.serve import (
     build_app,
     deploy,
     model_cache_dir,
+    replica_env,
     resolve_model,
 )
 from vit import VisionTransformer, ViTConfig
@@ -301,12 +302,14 @@ def test_query_client_prints_the_table_and_fails_with_the_reason(
     endpoint: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, _ = endpoint
-    good = tmp_path / "photo.jpg"
-    good.write_bytes(real_images()[0])
-    assert query.main([str(good), "--url", url, "--model", "vit-tux", "--top-k", "2"]) == 0
+    good, misnamed = tmp_path / "photo.jpg", tmp_path / "photo.txt"  # the bytes tell the type
+    for path in (good, misnamed):
+        path.write_bytes(real_images()[0])
+    argv = [str(good), str(misnamed), "--url", url, "--model", "vit-tux", "--top-k", "2"]
+    assert query.main(argv) == 0
     out = capsys.readouterr().out
     assert "vit-tux v1" in out
-    assert out.count("\n  ") == 2
+    assert out.count("\n  ") == 4
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     assert query.main([str(bad), "--url", url]) == 1
@@ -340,6 +343,20 @@ def test_a_token_protects_predictions_and_stats(
             assert answer.status_code == 200, answer.text
     finally:
         serve.delete("vitray-token")
+
+
+def test_replicas_never_receive_the_token_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their runtime_env is on show in the Ray dashboard: it carries the tracking server and the
+    model cache, and the replicas compare digests of the token (see the test above)."""
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("VITRAY_MODEL_CACHE", str(tmp_path / "cache"))
+    assert replica_env(SERVE_CONFIG) == {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "VITRAY_MODEL_CACHE": str(tmp_path / "cache"),
+    }
 
 
 def test_deploy_refuses_a_port_serve_does_not_listen_on(endpoint: tuple[str, Path]) -> None:
@@ -391,15 +408,25 @@ def test_attention_rollout_comes_back_and_matches_the_offline_map(
 def test_redeploy_after_the_alias_moves_serves_the_new_version_without_failed_requests(
     endpoint: tuple[str, Path],
 ) -> None:
-    """Load keeps flowing while Serve replaces the replica; the answers switch to version 2."""
+    """Load keeps flowing while Serve replaces the replica; the answers switch to version 2.
+    Until then the deployed version is served, also by a replica that loads it only after the
+    alias moved."""
     url, tmp = endpoint
     small = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
     image = real_images()[1]
     target = f"{url}/v1/predict?model=vit-digits"
     before = post(target, data=image, headers={"Content-Type": "image/jpeg"}).json()
     assert before["model"]["version"] == "1"
+    pinned = replace(SERVE_CONFIG, num_cpus=0)  # beside the main app on the 2 test CPUs
+    serve.run(build_app(pinned), name="vitray-pinned", route_prefix="/pinned")
     register(tmp, "digits", ViTConfig(image_size=8, patch_size=2, num_classes=10, **small),
              [str(i) for i in range(10)], seed=7)  # fmt: skip
+    try:
+        late = post(f"{url}/pinned/v1/predict?model=vit-digits", data=image,
+                    headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        assert late.json()["model"]["version"] == "1", late.text
+    finally:
+        serve.delete("vitray-pinned")
     stop = threading.Event()
 
     def hammer() -> list[tuple[int, str | None]]:
