@@ -22,6 +22,7 @@ from jobs.common import connect
 from pipelines.serve import (
     REGISTRY_PREFIX,
     ServeConfig,
+    api_token,
     champions,
     check_reference,
     deploy,
@@ -65,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
-    # Checked before Ray starts: a mistyped path or a dataset without a champion is a one-line
-    # reason and exit 1, not a traceback once Ray and Serve have started.
+    # Checked before Ray starts: an empty token, a mistyped path or a dataset without a champion
+    # is a one-line reason and exit 1, not a traceback once Ray and Serve have started.
+    try:
+        api_token()
+    except ValueError as error:
+        raise SystemExit(f"[serve] {error}") from None
     for name, reference in models.items():
         try:
             check_reference(reference)
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         while True:
             time.sleep(3600)
-    except ValueError as error:  # Serve on another host or port; VITRAY_API_TOKEN set but empty
+    except ValueError as error:  # Serve already listens on another host or port
         raise SystemExit(f"[serve] {error}") from None
     # Ctrl-C, or `ray job stop` (a SystemExit, see `connect`), also while the app still deploys.
     except (KeyboardInterrupt, SystemExit):

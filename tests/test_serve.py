@@ -540,6 +540,20 @@ def test_the_serve_job_refuses_a_bad_model_reference_with_the_reason(
         assert str(exit_.value).startswith("[serve] cannot serve")
 
 
+def test_the_serve_job_refuses_an_empty_token_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`$(cat missing-file)` must not mean "no token", nor be found only once Serve runs."""
+    monkeypatch.setenv(TOKEN_ENV, "")
+
+    def connect(address: str | None) -> bool:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(serve_job, "connect", connect)
+    with pytest.raises(SystemExit, match=rf"^\[serve\] {TOKEN_ENV} is set but empty"):
+        serve_job.main(["--model", f"vit-x={tmp_path / 'checkpoint'}"])
+
+
 def test_the_model_cache_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replicas load what they find in the cache: nobody else may write there."""
     (tmp_path / "made-with-mkdir-p").mkdir(mode=0o755)
