@@ -462,8 +462,8 @@ class ViTService:
             or not all(isinstance(e, str) for e in encoded)
         ):
             raise _error(400, 'JSON body needs "image" (base64 string) or "images" (list)')
-        try:
-            images = [base64.b64decode(e, validate=True) for e in encoded]
+        try:  # line breaks allowed: MIME encoders and the `base64` command wrap at 76 columns
+            images = [base64.b64decode("".join(e.split()), validate=True) for e in encoded]
         except (binascii.Error, ValueError):
             raise _error(400, "image is not valid base64") from None
         options.update({k: v for k, v in payload.items() if k not in ("image", "images")})

@@ -155,6 +155,10 @@ def test_json_base64_and_batch_requests(endpoint: tuple[str, Path]) -> None:
     encoded = [base64.b64encode(i).decode() for i in images]
     single = post(f"{url}/v1/predict", json={"image": encoded[0], "top_k": 2}).json()
     assert len(single["predictions"]) == 2
+    wrapped = base64.encodebytes(images[0]).decode()  # 76 columns a line, as `base64` writes
+    answer = post(f"{url}/v1/predict", json={"image": wrapped, "top_k": 2})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"] == single["predictions"]
     batch = post(f"{url}/v1/predict/batch", json={"images": encoded, "model": "vit-digits"}).json()
     assert len(batch["results"]) == 3
     assert batch["model"]["name"] == "vit-digits"
