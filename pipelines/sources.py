@@ -51,8 +51,12 @@ SPLIT_ALIASES = {
 }
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 MANIFEST_NAME = "manifest.json"
+# What a manifest says of every shard alike. Its shard list, counts and checksum describe the
+# folder as a whole, so a single file given as the source keeps only these.
+_SHARED_MANIFEST_KEYS = ("dataset", "class_names", "num_channels")
 # The shards `jobs/prepare.py` writes; its manifest, written last, says a set of them is whole.
 SHARD_NAME = re.compile(r"^(train|dev|test)-\d{5}-[0-9a-f]{12}\.parquet$")
+_TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())  # also dictionary-encoded
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
 _HIDDEN_PREFIXES = (".", "_")  # as Ray's and Hadoop's readers: .DS_Store, _SUCCESS, _tmp/
 
@@ -256,12 +260,24 @@ def open_parquet(f: pa.NativeFile, path: str) -> pq.ParquetFile:
 
 
 def read_manifest(fs: pafs.FileSystem, directory: str) -> dict | None:
-    """The ``manifest.json`` of a shard folder, or None where there is none."""
+    """The ``manifest.json`` of a shard folder, or None where there is none.
+
+    A damaged one (cut off by a copy, broken by a hand edit) is a ValueError naming it: the
+    JSON decoder's own error names no file. It is not taken as absent: without it a prepared
+    folder's shards would be read with the wrong class names, or refused as unfinished.
+    """
     path = f"{directory}/{MANIFEST_NAME}"
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        data = f.read()
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:  # not JSON, or bytes that are not text
+        raise ValueError(f"{path}: damaged manifest ({err}); fix or delete it") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: damaged manifest (not a JSON object); fix or delete it")
+    return manifest
 
 
 def empty_rows() -> ray.data.Dataset:
@@ -540,6 +556,12 @@ class ParquetSource:
     A ``manifest.json`` beside the files may give ``class_names`` (and, as ``jobs/prepare.py``
     writes it, the shard list, counts and channels); without one every ``*.parquet`` below the
     path is read and class names come from Hugging Face schema metadata or from the labels.
+
+    A single file given as the source takes its split from its name, as it would in a folder
+    (``validation.parquet`` holds dev rows). Of a manifest beside it, only what holds for every
+    shard alike is used (dataset name, class names, channels): its counts, shard list and
+    checksum describe the whole folder, and reported for one shard they would overstate its
+    rows and let a changed shard pass for the unchanged folder.
     """
 
     fs: pafs.FileSystem
@@ -547,7 +569,7 @@ class ParquetSource:
     name: str
     files: tuple[tuple[str, str | None], ...]  # (path below root, split if known per file)
     schema: pa.Schema
-    manifest: dict  # empty where there is none
+    manifest: dict  # empty where there is none; for a single file, its shared keys only
 
     @classmethod
     def scan(cls, fs: pafs.FileSystem, path: str) -> ParquetSource:
@@ -556,7 +578,9 @@ class ParquetSource:
         root = posixpath.dirname(path) if is_file else path
         manifest = read_manifest(fs, root) or {}
         if is_file:
-            files: tuple[tuple[str, str | None], ...] = ((posixpath.basename(path), None),)
+            base = posixpath.basename(path)
+            files: tuple[tuple[str, str | None], ...] = ((base, split_of_path(base)),)
+            manifest = {k: v for k, v in manifest.items() if k in _SHARED_MANIFEST_KEYS}
         elif "shards" in manifest:
             files = tuple((s["path"], s["split"]) for s in manifest["shards"])
         else:
@@ -722,18 +746,20 @@ def _parquet_rows(
     """One Parquet file (its path below root, and the split its name gives) -> rows, one record
     batch at a time.
 
-    Keyless rows are keyed ``<file>#<row index>``. A split column is trusted (aliases such as
-    "validation" mapped), else the split the file's name gives, else train; the splits none of
-    the data names (``missing``) are hashed out of the train rows. A label that is missing,
-    negative (Hugging Face's "no label" -1), not a class name or past ``num_classes`` fails the
-    read, naming it: such a row cannot be trained on, and scored it would count as a mistake.
+    Keyless rows are keyed ``<file>#<row index>`` (a key column: see ``_row_keys``). A split
+    column is trusted (aliases such as "validation" mapped), else the split the file's name
+    gives, else train; the splits none of the data names (``missing``) are hashed out of the
+    train rows. A label that is missing, negative (Hugging Face's "no label" -1), not a class
+    name or past ``num_classes`` fails the read, naming it: such a row cannot be trained on, and
+    scored it would count as a mistake.
     """
     rel, file_split = file
+    path = f"{root}/{rel}"
     offset = 0
-    with fs.open_input_file(f"{root}/{rel}") as f:
-        for rb in open_parquet(f, f"{root}/{rel}").iter_batches(batch_size=256, columns=columns):
+    with fs.open_input_file(path) as f:
+        for rb in open_parquet(f, path).iter_batches(batch_size=256, columns=columns):
             if "key" in columns:
-                keys = rb.column("key").to_pylist()
+                keys = _row_keys(rb.column("key"), path, offset)
             else:
                 keys = [f"{rel}#{offset + i}" for i in range(rb.num_rows)]
             offset += rb.num_rows
@@ -745,12 +771,35 @@ def _parquet_rows(
                     value = rb.column("label")[i].as_py()
                     known = f"the {num_classes} classes" if num_classes else "the classes"
                     raise ValueError(
-                        f"{root}/{rel}: row {keys[i]!r} has label {value!r}, none of {known}"
+                        f"{path}: row {keys[i]!r} has label {value!r}, none of {known}"
                     )
             if "split" in columns:
-                declared = split_names(rb.column("split").to_pylist(), f"{root}/{rel}")
+                declared = split_names(rb.column("split").to_pylist(), path)
             else:
                 declared = [file_split or "train"] * rb.num_rows
             splits = assign_splits(keys, declared, missing, fractions)
-            images = _image_bytes(rb.column("image"), f"{root}/{rel}")
+            images = _image_bytes(rb.column("image"), path)
             yield _rows(keys, images, labels, splits, keep)
+
+
+def _row_keys(column: pa.Array, path: str, offset: int) -> list[str]:
+    """A ``key`` column (of the record batch at row ``offset`` of ``path``) as string keys.
+
+    Integer ids, a table's primary key, read as their decimal text: ``7`` and ``"7"`` are one
+    key and hash to one split. Other types are refused (a float's text is not one value's,
+    bytes need not be text), and so is a null key: the key decides the row's split, and a
+    stand-in such as the row's position would move the row between splits when the file is
+    rewritten in another order.
+    """
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if not (pa.types.is_integer(kind) or kind in _TEXT_TYPES):
+        raise ValueError(
+            f"{path}: column key has type {column.type}; keys must be strings or integers"
+        )
+    keys = column.cast(pa.string()).to_pylist()
+    if None in keys:
+        raise ValueError(
+            f"{path}: column key is null in row {offset + keys.index(None)}; every row needs "
+            "a key, which decides its split"
+        )
+    return keys

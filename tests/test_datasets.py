@@ -26,6 +26,7 @@ from pipelines.datasets import (
     describe,
     fingerprint,
     read_dataset,
+    split_sizes,
 )
 from pipelines.ingest import IngestConfig, image_to_tokens, to_tokens
 from pipelines.sources import ROW_SCHEMA
@@ -421,6 +422,94 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path: Path) -> None:
     (tmp_path / "part-1.parquet").write_bytes(b"PAR1 cut off")
     with pytest.raises(ValueError, match=r"part-1.parquet: not a Parquet file"):
         describe(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "split"), [("validation.parquet", "dev"), ("test.parquet", "test")]
+)
+def test_a_single_parquet_file_keeps_the_split_its_name_gives(
+    tmp_path: Path, name: str, split: str
+) -> None:
+    """Given alone, ``validation.parquet`` was hash-split into train, dev and test."""
+    pq.write_table(pa.table({"image": [b"x"], "label": [0]}), tmp_path / name)
+    local = pafs.LocalFileSystem()
+    alone = sources.ParquetSource.scan(local, str(tmp_path / name))
+    assert alone.files == sources.ParquetSource.scan(local, str(tmp_path)).files
+    assert alone.declared_splits() == {split}
+
+
+def test_a_manifest_beside_one_shard_names_its_classes_not_its_counts(tmp_path: Path) -> None:
+    """The counts and checksum describe the prepared folder, not the one shard given."""
+    shards = {split: f"{split}-00000-0123456789ab.parquet" for split in ("train", "test")}
+    for split, shard in shards.items():
+        table = pa.table({"image": [grey_png()] * 2, "label": [0, 1], "split": [split] * 2})
+        pq.write_table(table, tmp_path / shard)
+    counts = {"train": {"a": 1, "b": 1}, "dev": {"a": 0, "b": 0}, "test": {"a": 1, "b": 1}}
+    manifest = {
+        "dataset": "ab",
+        "class_names": ["a", "b"],
+        "num_channels": 3,
+        "shards": [{"path": shard, "split": split} for split, shard in shards.items()],
+        "counts": counts,
+        "checksum": "0" * 64,
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert split_sizes(str(tmp_path)) == {"train": 2, "dev": 0, "test": 2}
+    assert fingerprint(str(tmp_path)) == "0" * 64
+    one = str(tmp_path / shards["train"])
+    assert describe(one) == DatasetInfo("ab", ("a", "b"), 3)  # no split sizes
+    assert split_sizes(one) is None
+    assert fingerprint(one) not in ("0" * 64, fingerprint(str(tmp_path / shards["test"])))
+
+
+@pytest.mark.parametrize("text", ['{"class_names": ["a", ', '["a", "b"]'])
+def test_a_damaged_manifest_is_named(tmp_path: Path, text: str) -> None:
+    pq.write_table(pa.table({"image": [b"x"], "label": [0]}), tmp_path / "part-0.parquet")
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match=r"manifest\.json: damaged manifest"):
+        describe(str(tmp_path))
+
+
+def parquet_rows(path: Path) -> pa.Table:
+    """``path``'s rows as a read task yields them, without Ray: splits carved, nothing kept out."""
+    read = sources._parquet_rows(
+        (path.name, None),
+        fs=pafs.LocalFileSystem(),
+        root=str(path.parent),
+        columns=["key", "image", "label"],
+        label_index=None,
+        num_classes=None,
+        fractions=SplitFractions(),
+        missing=frozenset({"dev", "test"}),
+        keep=None,
+    )
+    return pa.concat_tables(read)
+
+
+def test_integer_keys_read_as_their_text(tmp_path: Path) -> None:
+    """A table's integer ids are keys like any other: ``7`` and ``"7"`` land in one split."""
+    ids = list(range(40))
+    for name, keys in (("ints.parquet", ids), ("text.parquet", [str(i) for i in ids])):
+        table = pa.table({"key": keys, "image": [b"x"] * 40, "label": [0] * 40})
+        pq.write_table(table, tmp_path / name)
+    assert parquet_rows(tmp_path / "ints.parquet") == parquet_rows(tmp_path / "text.parquet")
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [
+        (["k0", None, "k2"], "column key is null in row 1"),
+        ([0.5, 1.5, 2.5], "column key has type double; keys must be strings or integers"),
+    ],
+)
+def test_a_null_or_float_key_is_refused_naming_the_file(
+    tmp_path: Path, keys: list, error: str
+) -> None:
+    """The key decides the row's split: no stand-in for a missing one is stable."""
+    table = pa.table({"key": keys, "image": [b"x"] * 3, "label": [0] * 3})
+    pq.write_table(table, tmp_path / "data.parquet")
+    with pytest.raises(ValueError, match=f"data.parquet: {error}"):
+        parquet_rows(tmp_path / "data.parquet")
 
 
 def test_split_folders_are_honoured(split_folder: Path) -> None:
