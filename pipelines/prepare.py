@@ -239,7 +239,10 @@ def prepare(
         "fractions": asdict(config.fractions) if config.fractions else None,
     }
     source = {"uri": config.source, "fingerprint": fingerprint(config.source, source_filesystem)}
-    old = read_manifest(fs, root)
+    try:
+        old = read_manifest(fs, root)
+    except ValueError:  # damaged by hand or a cut-off copy: this run writes it anew
+        old = None
     if (
         not config.force
         and old is not None

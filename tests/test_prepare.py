@@ -152,6 +152,12 @@ def test_interrupted_run_leaves_the_old_manifest_valid_and_force_rewrites_nothin
     assert forced.checksum == finished.checksum
     assert snapshot(out) == before  # same bytes: nothing rewritten, not even the manifest
 
+    intact = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text('{"shards": [')  # damaged: the run writes it anew
+    repaired = prepare(PrepareConfig(str(source), str(out), rows_per_shard=5))
+    assert not repaired.skipped and repaired.written == ()  # the shards were whole
+    assert (out / "manifest.json").read_text() == intact
+
 
 def test_the_shards_of_an_unfinished_first_run_are_not_read_as_a_dataset(
     digits_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
