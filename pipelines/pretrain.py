@@ -123,8 +123,8 @@ class PretrainConfig:
         check_schedule(self.warmup_steps, self.steps)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay}")
-        if not all(0 <= beta < 1 for beta in self.betas):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.label_smoothing <= 1:
             raise ValueError(f"label_smoothing must lie in [0, 1], got {self.label_smoothing}")
         check_decay(self.decay)
@@ -593,11 +593,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 def step_layout(global_batch: int, world: int, micro_batch: int) -> tuple[int, int]:
     """(accumulation steps, micro-batch size) that split one step's batch over `world` workers.
 
-    The global batch is the configured one whenever `world` divides it, else the nearest larger
-    one that splits evenly (4,104 for 4,096 on 6 workers), so an elastic run goes on at any
-    worker count. The workers cannot take different shares instead: their shards of the
-    streaming dataset start each epoch together, so a worker that ran ahead would wait there
-    for the others while they wait for it in the gradient all-reduce.
+    Each worker takes the fewest micro-batches of at most `micro_batch` images that cover its
+    share of the global batch, all of one size. The global batch is the configured one when
+    that size comes out whole (4,096 on 8 workers of up to 256), else slightly more (4,104 for
+    4,096 on 6 workers; 4,136 on 8 workers of up to 48: 11 of 47 each): the fewest micro-batches
+    run fastest, and an elastic run goes on at any worker count. The workers cannot take
+    different shares instead: their shards of the streaming dataset start each epoch together,
+    so a worker that ran ahead would wait there for the others while they wait for it in the
+    gradient all-reduce.
     """
     per_worker = -(-global_batch // world)
     accumulation = -(-per_worker // micro_batch)
