@@ -108,6 +108,10 @@ class FinetuneConfig:
         if self.max_failures < 0:  # Tune's -1 retries for ever, a diverged trial included
             raise ValueError(f"max_failures must be 0 or more, got {self.max_failures}")
         self._check_recipe()
+        self._check_trial_resources()
+        repeated = sorted({d for d in self.datasets if self.datasets.count(d) > 1})
+        if repeated:  # each would be tuned, tested and registered again
+            raise ValueError(f"datasets named more than once: {', '.join(repeated)}")
         if self.register and not self.from_scratch:  # `/a/flowers`, `/b/flowers`: one model
             first_of: dict[str, str] = {}
             for dataset in self.datasets:
@@ -131,6 +135,24 @@ class FinetuneConfig:
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"momentum must lie in [0, 1], got {self.momentum}")
         check_schedule(self.warmup_steps, self.steps)
+
+    def _check_trial_resources(self) -> None:
+        """Refuse what Tune would take late or silently: a trial asking for no resource at all
+        fails with Ray's "empty head and zero worker bundles" only once the data is read (in the
+        pipeline: after pretraining), a negative share is no request Ray can place, and Tune
+        reads a concurrency below 1 as no limit."""
+        if self.cpus_per_trial < 0 or self.gpus_per_trial < 0:
+            raise ValueError(
+                f"cpus_per_trial and gpus_per_trial must be 0 or more, got "
+                f"{self.cpus_per_trial} and {self.gpus_per_trial}"
+            )
+        if not self.cpus_per_trial and not self.gpus_per_trial:
+            raise ValueError("a trial needs CPUs or a GPU: cpus_per_trial and gpus_per_trial are 0")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ValueError(
+                f"max_concurrent_trials must be at least 1, got {self.max_concurrent_trials} "
+                "(None: as many trials as the resources hold)"
+            )
 
 
 @dataclass(frozen=True)
