@@ -100,6 +100,24 @@ class StageCache:
         return result
 
 
+def store_context(uri: str, experiment: str) -> dict[str, str]:
+    """The MLflow store and experiment that the cached results were recorded in, which their
+    run ids and model versions point into.
+
+    The experiment's id and creation time tell a store made again at the same address (the
+    `runs/mlflow.db` file deleted, a tracking server restarted on a fresh database) from the
+    one the results are in: the name, the URI and often the id stay, and reused results would
+    hand on runs the new store does not hold.
+    """
+    found = tracking.client(uri).get_experiment(tracking.experiment_id(experiment, uri))
+    return {
+        "tracking_uri": uri,
+        "experiment": experiment,
+        "experiment_id": found.experiment_id,
+        "experiment_created": str(found.creation_time),
+    }
+
+
 def banner(text: str) -> None:
     print(f"\n==== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
@@ -193,7 +211,7 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
     mlflow = tracking.client(uri)
     cache = StageCache(
         Path(config.state_dir) / config.name / "state.json",
-        context={"tracking_uri": uri, "experiment": config.experiment},
+        context=store_context(uri, config.experiment),
     )
 
     def adopt(run_id: str) -> None:

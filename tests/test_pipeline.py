@@ -32,7 +32,12 @@ from mlflow.tracking import MlflowClient
 
 from jobs.common import load_config
 from pipelines import tracking
-from pipelines.pipeline import keyed_pretrain, local_checkpoint, prepared_location
+from pipelines.pipeline import (
+    keyed_pretrain,
+    local_checkpoint,
+    prepared_location,
+    store_context,
+)
 from pipelines.pretrain import PretrainConfig
 from vit import VisionTransformer, ViTConfig
 from vit import checkpoint as vit_checkpoint
@@ -324,3 +329,15 @@ def test_a_checkpoint_in_object_storage_reaches_later_stages_as_a_local_folder(
         local_checkpoint(on_disk, demo, tmp_path / "unused")
         == on_disk["checkpoint_path"] + "/model"
     )
+
+
+def test_a_store_made_again_at_the_same_address_reuses_no_stage(tmp_path: Path) -> None:
+    """Deleting runs/mlflow.db keeps the URI and the experiment's name and id: results recorded
+    in the old store name runs the new one lacks (the rerun stopped at "Run with id=... not
+    found" when it hung the reused pretraining run below its parent)."""
+    old, new = (f"sqlite:///{tmp_path / name}.db" for name in ("old", "new"))
+    before = store_context(old, "vitray")
+    assert store_context(old, "vitray") == before  # the same store: its results are reused
+    fresh = store_context(new, "vitray")
+    assert fresh["experiment_id"] == before["experiment_id"]
+    assert {**fresh, "tracking_uri": old} != before  # the fresh one, as if at the old address
