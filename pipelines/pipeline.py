@@ -21,6 +21,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import requests
+from mlflow import MlflowClient
+from mlflow.entities import LifecycleStage
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from pipelines import finetune, pretrain, tracking
 from pipelines.analyze import run_analysis
@@ -69,12 +73,15 @@ class StageCache:
     """Finished stages and the hash of their inputs, kept in a JSON file between runs.
 
     `context` is part of every stage's inputs: the MLflow store and experiment the results were
-    recorded in, whose run ids a reused result hands to the later stages.
+    recorded in, whose run ids a reused result hands to the later stages. A result whose run
+    (its `run_id`) has since been deleted from that store (`mlflow`) is computed again: handed
+    on, the next stage would stop at "The run ... must be in the 'active' state".
     """
 
-    def __init__(self, path: Path, context: dict[str, str]) -> None:
+    def __init__(self, path: Path, context: dict[str, str], mlflow: MlflowClient) -> None:
         self.path = path
         self.context = context
+        self.mlflow = mlflow
         self.entries: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
 
     def run(self, stage: str, inputs: Any, compute: Callable[[], Any]) -> Any:
@@ -83,8 +90,11 @@ class StageCache:
         key = digest.hexdigest()[:16]
         entry = self.entries.get(stage)
         if entry and entry["inputs"] == key:
-            banner(f"{stage}: inputs unchanged, reusing the finished result")
-            return entry["result"]
+            run_id = entry["result"]["run_id"]
+            if self._active(run_id):
+                banner(f"{stage}: inputs unchanged, reusing the finished result")
+                return entry["result"]
+            print(f"[{stage}] its finished run {run_id} was deleted from MLflow", flush=True)
         banner(stage)
         start = time.perf_counter()
         result = _jsonable(compute())
@@ -98,6 +108,14 @@ class StageCache:
         tmp.write_text(json.dumps(self.entries, indent=2, default=str))
         tmp.replace(self.path)
         return result
+
+    def _active(self, run_id: str) -> bool:
+        try:
+            return self.mlflow.get_run(run_id).info.lifecycle_stage == LifecycleStage.ACTIVE
+        except MlflowException as error:  # gone for good (`mlflow gc`)
+            if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return False
+            raise
 
 
 def store_context(uri: str, experiment: str) -> dict[str, str]:
@@ -212,6 +230,7 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
     cache = StageCache(
         Path(config.state_dir) / config.name / "state.json",
         context=store_context(uri, config.experiment),
+        mlflow=mlflow,
     )
 
     def adopt(run_id: str) -> None:

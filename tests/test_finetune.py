@@ -218,7 +218,7 @@ def test_a_cached_sweep_keeps_the_datasets_it_finished_when_a_later_one_fails(
         eval_every=2,
         sweep_name="cached",
     )
-    cache = StageCache(tmp_path / "state.json", context={})
+    cache = StageCache(tmp_path / "state.json", context={}, mlflow=tracking.client())
     data = {d: fingerprint(d) for d in config.datasets}
     with pytest.raises(DataQualityError, match="images unreadable"):
         cached_sweep(cache, "finetune", config, data, parent_run_id=None)

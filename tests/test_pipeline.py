@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from jobs.common import load_config
 from pipelines import tracking
 from pipelines.pipeline import (
+    StageCache,
     keyed_pretrain,
     local_checkpoint,
     prepared_location,
@@ -341,3 +342,24 @@ def test_a_store_made_again_at_the_same_address_reuses_no_stage(tmp_path: Path) 
     fresh = store_context(new, "vitray")
     assert fresh["experiment_id"] == before["experiment_id"]
     assert {**fresh, "tracking_uri": old} != before  # the fresh one, as if at the old address
+
+
+def test_a_stage_whose_run_was_deleted_from_mlflow_runs_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Deleted in the MLflow UI, the run could not be hung below the next invocation's parent."""
+    mlflow = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("vitray")
+    runs: list[str] = []
+
+    def compute() -> dict[str, str]:
+        runs.append(mlflow.create_run(experiment).info.run_id)
+        return {"run_id": runs[-1]}
+
+    cache = StageCache(tmp_path / "state.json", context={}, mlflow=mlflow)
+    first = cache.run("analyze", {"checkpoint": "c"}, compute)
+    assert cache.run("analyze", {"checkpoint": "c"}, compute) == first  # reused
+    mlflow.delete_run(first["run_id"])
+    again = cache.run("analyze", {"checkpoint": "c"}, compute)
+    assert again != first and len(runs) == 2
+    assert f"its finished run {first['run_id']} was deleted" in capsys.readouterr().out
