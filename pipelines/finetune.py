@@ -20,7 +20,9 @@ trials through the object store instead of being decoded again by every trial.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -373,7 +375,7 @@ def _tune_dataset(
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name=f"{config.sweep_name}-{kind}-{dataset}",
+                name=f"{config.sweep_name}-{kind}-{_folder_name(dataset)}",
                 storage_path=_storage_path(config.storage_path),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=config.max_failures),
@@ -523,6 +525,16 @@ def _best(finished: list[tune.Result], steps: int) -> tune.Result:
     """
     completed = [r for r in finished if r.metrics.get("step") == steps]
     return max(completed or finished, key=lambda r: r.metrics["dev_accuracy"])
+
+
+def _folder_name(dataset: str) -> str:
+    """The dataset as one folder name under Tune's storage: a catalog name as it is; a path or
+    URI by its last part and a digest of the whole, since `/a/flowers` and `s3://b/flowers` are
+    two datasets, and their `/` and `:` would nest folders (`sweep-finetune-s3:/b/flowers`)."""
+    if re.fullmatch(r"[\w.-]+", dataset) and dataset not in (".", ".."):
+        return dataset
+    digest = hashlib.sha256(dataset.encode()).hexdigest()[:8]
+    return f"{tracking.registered_model_name(dataset).removeprefix('vit-')}-{digest}"
 
 
 def _storage_path(path: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -336,6 +337,14 @@ def test_the_best_trial_is_chosen_among_those_that_ran_every_step() -> None:
     completed = Result({"dev_accuracy": 0.8, "step": 80}, checkpoint=None, error=None, path="b")
     assert finetune._best([stopped, completed], steps=80) is completed
     assert finetune._best([stopped], steps=80) is stopped
+
+
+def test_each_dataset_gets_one_folder_of_its_own_under_tune_storage() -> None:
+    names = [finetune._folder_name(d) for d in ("digits", "/a/flowers", "s3://b/flowers/", "..")]
+    assert names[0] == "digits"
+    assert len(set(names)) == 4
+    assert all(re.fullmatch(r"[\w.-]+", n) and n not in (".", "..") for n in names), names
+    assert names[1].startswith("flowers-") and names[2].startswith("flowers-")
 
 
 def test_tune_storage_keeps_uris_and_makes_folders_absolute() -> None:
