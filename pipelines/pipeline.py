@@ -74,8 +74,10 @@ class StageCache:
 
     `context` is part of every stage's inputs: the MLflow store and experiment the results were
     recorded in, whose run ids a reused result hands to the later stages. A result whose run
-    (its `run_id`) has since been deleted from that store (`mlflow`) is computed again: handed
-    on, the next stage would stop at "The run ... must be in the 'active' state".
+    (its `run_id`) that store (`mlflow`) no longer holds is computed again: the run deleted in
+    the UI, or the store made again at the same address (`runs/mlflow.db` deleted, a tracking
+    server restarted on a fresh database). Handed on, it would stop the next stage at "The run
+    ... must be in the 'active' state" or "Run with id=... not found".
     """
 
     def __init__(self, path: Path, context: dict[str, str], mlflow: MlflowClient) -> None:
@@ -94,7 +96,7 @@ class StageCache:
             if self._active(run_id):
                 banner(f"{stage}: inputs unchanged, reusing the finished result")
                 return entry["result"]
-            print(f"[{stage}] its finished run {run_id} was deleted from MLflow", flush=True)
+            print(f"[{stage}] its finished run {run_id} is not in MLflow any more", flush=True)
         banner(stage)
         start = time.perf_counter()
         result = _jsonable(compute())
@@ -112,28 +114,10 @@ class StageCache:
     def _active(self, run_id: str) -> bool:
         try:
             return self.mlflow.get_run(run_id).info.lifecycle_stage == LifecycleStage.ACTIVE
-        except MlflowException as error:  # gone for good (`mlflow gc`)
+        except MlflowException as error:  # gone for good (`mlflow gc`), or another store
             if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 return False
             raise
-
-
-def store_context(uri: str, experiment: str) -> dict[str, str]:
-    """The MLflow store and experiment that the cached results were recorded in, which their
-    run ids and model versions point into.
-
-    The experiment's id and creation time tell a store made again at the same address (the
-    `runs/mlflow.db` file deleted, a tracking server restarted on a fresh database) from the
-    one the results are in: the name, the URI and often the id stay, and reused results would
-    hand on runs the new store does not hold.
-    """
-    found = tracking.client(uri).get_experiment(tracking.experiment_id(experiment, uri))
-    return {
-        "tracking_uri": uri,
-        "experiment": experiment,
-        "experiment_id": found.experiment_id,
-        "experiment_created": str(found.creation_time),
-    }
 
 
 def banner(text: str) -> None:
@@ -229,7 +213,7 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
     mlflow = tracking.client(uri)
     cache = StageCache(
         Path(config.state_dir) / config.name / "state.json",
-        context=store_context(uri, config.experiment),
+        context={"tracking_uri": uri, "experiment": config.experiment},
         mlflow=mlflow,
     )
 

@@ -37,7 +37,6 @@ from pipelines.pipeline import (
     keyed_pretrain,
     local_checkpoint,
     prepared_location,
-    store_context,
 )
 from pipelines.pretrain import PretrainConfig
 from vit import VisionTransformer, ViTConfig
@@ -332,34 +331,30 @@ def test_a_checkpoint_in_object_storage_reaches_later_stages_as_a_local_folder(
     )
 
 
-def test_a_store_made_again_at_the_same_address_reuses_no_stage(tmp_path: Path) -> None:
-    """Deleting runs/mlflow.db keeps the URI and the experiment's name and id: results recorded
-    in the old store name runs the new one lacks (the rerun stopped at "Run with id=... not
-    found" when it hung the reused pretraining run below its parent)."""
-    old, new = (f"sqlite:///{tmp_path / name}.db" for name in ("old", "new"))
-    before = store_context(old, "vitray")
-    assert store_context(old, "vitray") == before  # the same store: its results are reused
-    fresh = store_context(new, "vitray")
-    assert fresh["experiment_id"] == before["experiment_id"]
-    assert {**fresh, "tracking_uri": old} != before  # the fresh one, as if at the old address
-
-
-def test_a_stage_whose_run_was_deleted_from_mlflow_runs_again(
+def test_a_stage_whose_run_the_store_no_longer_holds_runs_again(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Deleted in the MLflow UI, the run could not be hung below the next invocation's parent."""
-    mlflow = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = mlflow.create_experiment("vitray")
+    """Deleted in the MLflow UI, or `runs/mlflow.db` made again: the run could not be hung
+    below the next invocation's parent."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = tracking.client(uri)
     runs: list[str] = []
 
     def compute() -> dict[str, str]:
-        runs.append(mlflow.create_run(experiment).info.run_id)
+        runs.append(mlflow.create_run(tracking.experiment_id("vitray", uri)).info.run_id)
         return {"run_id": runs[-1]}
 
-    cache = StageCache(tmp_path / "state.json", context={}, mlflow=mlflow)
-    first = cache.run("analyze", {"checkpoint": "c"}, compute)
-    assert cache.run("analyze", {"checkpoint": "c"}, compute) == first  # reused
+    def cache() -> StageCache:  # as each pipeline invocation makes it
+        return StageCache(tmp_path / "state.json", context={}, mlflow=mlflow)
+
+    first = cache().run("analyze", {"checkpoint": "c"}, compute)
+    assert cache().run("analyze", {"checkpoint": "c"}, compute) == first  # reused
     mlflow.delete_run(first["run_id"])
-    again = cache.run("analyze", {"checkpoint": "c"}, compute)
-    assert again != first and len(runs) == 2
-    assert f"its finished run {first['run_id']} was deleted" in capsys.readouterr().out
+    second = cache().run("analyze", {"checkpoint": "c"}, compute)
+    assert second != first and len(runs) == 2
+    assert f"its finished run {first['run_id']} is not in MLflow" in capsys.readouterr().out
+    # A fresh store (in a new process the same address would do: this one keeps the file open).
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    mlflow = tracking.client(uri)
+    third = cache().run("analyze", {"checkpoint": "c"}, compute)
+    assert third not in (first, second) and len(runs) == 3
