@@ -94,7 +94,8 @@ class IngestConfig:
     # batch or two is noise (a 0.5% bad rate shows 3 in 256 rows one time in seven). Every stage
     # also judges all the rows it read at the end (`check_bad_fraction`).
     min_rows_before_check: int = 20_000
-    max_image_pixels: int = 64_000_000  # reject decompression bombs before decoding
+    # Rejects decompression bombs before decoding; Pillow's own guard caps it at 2x its limit.
+    max_image_pixels: int = 64_000_000
 
 
 def image_to_tokens(
@@ -157,8 +158,10 @@ def _decode(data: bytes, max_pixels: int, target: tuple[int, int]) -> Image.Imag
             image = image.transpose(transpose)
     except BadImageError:
         raise
-    except Image.DecompressionBombError as error:  # Pillow's own limit, checked on opening
-        raise BadImageError(f"too many pixels to decode: {error}") from None
+    except Image.DecompressionBombError:  # Pillow's own guard, on opening: past 2x its limit
+        # Named by the limit that refused it: Pillow's, where the configured one is higher.
+        limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+        raise BadImageError(f"too many pixels to decode: more than the limit of {limit}") from None
     except Exception:  # a decoder plugin fed hostile bytes may raise anything
         raise BadImageError("not a readable image (corrupt, truncated or unknown format)") from None
     return image
