@@ -561,7 +561,8 @@ def _predict(model: VisionTransformer, data: dict[str, np.ndarray], batch: int =
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(data["label"]), batch):
-        tokens = torch.from_numpy(data["tokens"][start : start + batch]).to(device)
+        # A copy: the arrays come read-only from the object store, which torch warns about.
+        tokens = torch.tensor(data["tokens"][start : start + batch], device=device)
         with autocast(device):
             chunks.append(model(tokens).argmax(-1).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
@@ -670,9 +671,10 @@ def _trial(
                 continue
             dev_accuracy = _accuracy(model, dev)
             model.train()
-            metrics = {"dev_accuracy": dev_accuracy, "train_loss": float(loss), "step": step}
+            train_loss = loss.item()
+            metrics = {"dev_accuracy": dev_accuracy, "train_loss": train_loss, "step": step}
             mlflow.log_metric(run_id, "dev/accuracy", dev_accuracy, step=step)
-            mlflow.log_metric(run_id, "train/loss", float(loss), step=step)
+            mlflow.log_metric(run_id, "train/loss", train_loss, step=step)
             with tempfile.TemporaryDirectory() as directory:
                 vit_checkpoint.save(
                     model,
