@@ -14,33 +14,35 @@ so a relative ``--out`` is gone with it: the MLflow run keeps the figures, or gi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from jobs.common import connect
+from jobs.common import add_address_argument, checked_checkpoint, connect
 from pipelines.analyze import run_analysis
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="vit checkpoint directory")
+    parser.add_argument(
+        "--checkpoint", required=True, help="vit checkpoint, or a pretraining run or checkpoint"
+    )
     parser.add_argument("--dataset", required=True, help="catalog name, folder or shard URI")
     parser.add_argument("--images", type=int, default=8, help="test images to inspect")
     parser.add_argument(
-        "--out", default="runs/analysis", help="folder for the PNG files, on the driver's machine"
+        "--out",
+        default="runs/analysis",
+        help="folder for the PNG files, on the driver's machine (default: %(default)s)",
     )
     parser.add_argument("--experiment", default="vitray", help="MLflow experiment")
-    parser.add_argument(
-        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
-    )
+    add_address_argument(parser)
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be positive")
-    out = Path(args.out).resolve()  # the closing line names where the files really are
+    out = Path(args.out).resolve()  # the closing lines name where the files really are
+    checkpoint = checked_checkpoint(args.checkpoint, "analyze")
     connect(args.address)
     result = run_analysis(
-        args.checkpoint,
+        checkpoint,
         args.dataset,
         images=args.images,
         output_dir=out,
@@ -48,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     distances = ", ".join(f"{d:.1f}" for d in result["mean_attention_distance"])
     print(f"[analyze] mean attention distance per layer (pixels): {distances}")
-    print(f"[analyze] figures in {out}/ and in MLflow run {result['run_id']}:")
-    for path in result["figures"]:
-        print(f"  {path}")
+    print(f"[analyze] figures, also logged to MLflow run {result['run_id']}:")
+    for artifact in result["figures"]:  # an MLflow artifact path; the file has its name
+        print(f"  {out / Path(artifact).name}")
     return 0
 
 

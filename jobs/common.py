@@ -1,4 +1,4 @@
-"""What every job shares: loading a config file and connecting to Ray."""
+"""What every job shares: loading a config file, checking a checkpoint and connecting to Ray."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import ray
+
+from pipelines.training import resolve_checkpoint
+from vit.checkpoint import CheckpointError, read_metadata
 
 # Serve's high-throughput mode, vitray's default: HAProxy in front of the replicas' own HTTP
 # servers instead of Serve's Python proxy actor, and the replica's user code on its main event
@@ -198,26 +201,61 @@ def _config_file(path: str) -> str:
     return path
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, config_required: bool = False) -> None:
-    """--config, --smoke, --set and --address. A job without a default config passes
-    ``config_required``; one with a default sets it afterwards (`parser.set_defaults`)."""
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    set_examples: tuple[str, str],
+    default_config: str | None = None,
+) -> None:
+    """--config, --smoke, --set and --address. --config is required unless the job has a
+    ``default_config``. ``set_examples`` are a top-level and a dotted override that this job's
+    configs take (`learning_rate=3e-4`, `model.depth=4`): another job's fields would be refused."""
     parser.add_argument(
         "--config",
         type=_config_file,
-        required=config_required,
-        help="config file with get_config(smoke)",
+        default=default_config,
+        required=default_config is None,
+        help="config file with get_config(smoke)"
+        + (" (default: %(default)s)" if default_config else ""),
     )
     parser.add_argument("--smoke", action="store_true", help="shrink the run to a smoke test")
+    top, nested = set_examples
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field; dotted keys reach nested ones (pretrain.num_workers=2)",
+        help=f"override a config field, e.g. {top}; dotted keys reach nested ones, e.g. {nested} "
+        "(repeatable)",
     )
+    add_address_argument(parser)
+
+
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    """--address, as `ray job submit` passes it (RAY_ADDRESS) when not given."""
     parser.add_argument(
-        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray for this run)",
     )
+
+
+def checked_checkpoint(path: str, job: str) -> Path:
+    """The vit checkpoint directory behind `path` (a checkpoint, a Ray Train checkpoint holding
+    one, or a run's folder: its latest; see `resolve_checkpoint`), read before Ray starts.
+
+    A missing or broken checkpoint ends the job with a one-line reason (exit 1), not a traceback
+    once Ray has started. A folder that is not there is named as such: "vit.json is missing"
+    would send the user looking inside a folder that does not exist.
+    """
+    try:
+        directory = resolve_checkpoint(path)
+        if not directory.exists():
+            raise CheckpointError(f"{path} does not exist")
+        read_metadata(directory)
+    except CheckpointError as error:
+        raise SystemExit(f"[{job}] {error}") from None
+    return directory
 
 
 def connect(address: str | None) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.training import resolve_checkpoint
+from jobs.common import checked_checkpoint
 from vit import checkpoint
 from vit.export import (
     ExportError,
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.onnx or args.program):
         parser.error("name an output with --onnx and/or --program")
-    model, _ = checkpoint.load(resolve_checkpoint(args.checkpoint))
+    model, _ = checkpoint.load(checked_checkpoint(args.checkpoint, "export"))
     dtype = torch.uint8 if args.uint8 else torch.float32
     if args.onnx:
         path = export_onnx(model, args.onnx, example_input(model, 2, dtype))

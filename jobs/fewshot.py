@@ -5,29 +5,37 @@
         --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_PRIVATE_IP:5000"}}' \
         -- python -m jobs.fewshot --checkpoint DIR --dataset NAME
 
-``--checkpoint`` is a ``vit.checkpoint`` directory (or a pretraining checkpoint holding one under
-``model/``). Accuracy is the mean (and std) over ``--seeds`` draws of k training images per
-class; the L2 strength is chosen on a held-out slice of the train split, never on test. The run is
-logged to MLflow with ``vitray_stage=fewshot`` and the checkpoint's own run id as
-``vitray_parent_checkpoint_run``.
+``--checkpoint`` is a ``vit.checkpoint`` directory, a pretraining checkpoint holding one under
+``model/``, or a pretraining run's folder (its latest checkpoint). Accuracy is the mean (and std)
+over ``--seeds`` draws of k training images per class; the L2 strength is chosen on a held-out
+slice of the train split, never on test. The run is logged to MLflow with ``vitray_stage=fewshot``
+and the checkpoint's own run id as ``vitray_parent_checkpoint_run``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from jobs.common import connect
+from jobs.common import add_address_argument, checked_checkpoint, connect
 from pipelines.fewshot import run_fewshot
 from vit.evaluate import DEFAULT_SHOTS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="vit checkpoint directory")
+    parser.add_argument(
+        "--checkpoint", required=True, help="vit checkpoint, or a pretraining run or checkpoint"
+    )
     parser.add_argument("--dataset", required=True, help="catalog name, folder or shard URI")
-    parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
+    parser.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SHOTS),
+        help="training images per class, one evaluation per count "
+        f"(default: {' '.join(map(str, DEFAULT_SHOTS))})",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="number of draws per shot count")
     parser.add_argument(
         "--max-train-rows",
@@ -38,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test-rows", type=int, default=0, help="cap on test rows; 0: none")
     parser.add_argument("--dev-per-class", type=int, default=10, help="held out to pick L2")
     parser.add_argument("--experiment", default="vitray", help="MLflow experiment")
-    parser.add_argument(
-        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
-    )
+    add_address_argument(parser)
     args = parser.parse_args(argv)
     if args.seeds < 1 or min(args.shots) < 1:
         parser.error("--seeds and --shots must be positive")
@@ -48,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dev-per-class must be 0 (select L2 on the shots) or more")
     if min(args.max_train_rows, args.max_test_rows) < 0:
         parser.error("--max-train-rows and --max-test-rows take a count, or 0 for no cap")
+    checkpoint = checked_checkpoint(args.checkpoint, "fewshot")
     connect(args.address)
     result = run_fewshot(
-        args.checkpoint,
+        checkpoint,
         args.dataset,
         args.shots,
         args.seeds,

@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resize-size", type=int, help="shorter side before the centre crop")
     parser.add_argument("--interpolation", choices=["bilinear", "bicubic"])
     parser.add_argument("--register", metavar="NAME", help="register in the MLflow model registry")
-    parser.add_argument("--alias", default="imported", help="alias of the registered version")
+    parser.add_argument(
+        "--alias", default="imported", help="alias of the registered version (default: %(default)s)"
+    )
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
     args = parser.parse_args(argv)
     for name, values in (("--image-size", args.image_size), ("--grid-size", args.grid_size)):

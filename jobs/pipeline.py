@@ -26,8 +26,11 @@ from pipelines.serve import undeploy
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    parser.set_defaults(config="configs/pipeline_demo.py")
+    add_common_arguments(
+        parser,
+        set_examples=("fewshot_seeds=1", "pretrain.num_workers=2"),
+        default_config="configs/pipeline_demo.py",
+    )
     parser.add_argument(
         "--keep-serving",
         action="store_true",

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from ray.exceptions import RayTaskError
 
-from jobs.common import connect
+from jobs.common import add_address_argument, connect
 from pipelines.datasets import SplitFractions
 from pipelines.prepare import PrepareConfig, prepare
 
@@ -48,13 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="catalog name, image folder, Parquet path or URI")
     parser.add_argument("output", help="output folder or URI (s3://bucket/prefix)")
-    parser.add_argument("--rows-per-shard", type=int, default=PrepareConfig.rows_per_shard)
+    parser.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=PrepareConfig.rows_per_shard,
+        help="images per Parquet shard (default: %(default)s)",
+    )
     parser.add_argument("--dev-fraction", type=float, help="share of train held out as dev")
     parser.add_argument("--test-fraction", type=float, help="share held out as test")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    parser.add_argument(
-        "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)"
-    )
+    add_address_argument(parser)
     args = parser.parse_args(argv)
     try:
         fractions = _fractions(args.dev_fraction, args.test_fraction)

@@ -24,7 +24,7 @@ from pipelines import pretrain
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser, config_required=True)
+    add_common_arguments(parser, set_examples=("learning_rate=3e-4", "model.depth=4"))
     parser.add_argument("--resume", action="store_true", help="continue the run of this name")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.smoke, args.set, pretrain.PretrainConfig)

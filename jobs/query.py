@@ -19,12 +19,23 @@ import requests
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("images", nargs="+", type=Path, help="image files to classify")
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the endpoint (default: %(default)s)"
+    )
     parser.add_argument("--model", help="model name (default: the server's default)")
     parser.add_argument("--top-k", type=int, help="predictions to show (default: the server's)")
-    parser.add_argument("--token", default=os.environ.get("VITRAY_API_TOKEN"))
-    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument(  # the help names the variable: %(default)s would print the token
+        "--token",
+        default=os.environ.get("VITRAY_API_TOKEN"),
+        help="bearer token, for an endpoint that requires one (default: $VITRAY_API_TOKEN)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60,
+        help="seconds to wait for the server on each request (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     token = (args.token or "").strip()  # a token file's newline is not part of it
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -2,6 +2,7 @@
 
     python -m jobs.serve --datasets mnist-5k digits tuxpaint            # models:/vit-<d>@champion
     python -m jobs.serve --model my-vit=runs/some/checkpoint/model --port 8000
+    python -m jobs.serve --model demo=runs/train/pretrain-demo    # a run: its latest checkpoint
 
 Listens on 127.0.0.1 unless --host says otherwise; set VITRAY_API_TOKEN to require a bearer
 token. Runs until interrupted (Ctrl-C, or `ray job stop` of a submitted job) and then takes its
@@ -11,14 +12,12 @@ endpoint down, or returns at once with --detach on a cluster and leaves it up.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from jobs.common import connect
+from jobs.common import add_address_argument, connect
 from pipelines.serve import (
     REGISTRY_PREFIX,
     ServeConfig,
@@ -28,6 +27,8 @@ from pipelines.serve import (
     deploy,
     undeploy,
 )
+from pipelines.training import resolve_checkpoint
+from vit.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,20 +39,36 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=REF",
-        help="a checkpoint directory or models:/ URI under a name",
+        help="a checkpoint, a pretraining run's folder (its latest checkpoint) or a models:/ URI, "
+        "under a name",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="HTTP port to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="most images of concurrent requests run through a model at once; 1: no batching "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--detach", action="store_true", help="return once deployed")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+    add_address_argument(parser)
     args = parser.parse_args(argv)
     models = champions(args.datasets)
     for item in args.model:
         name, _, reference = item.partition("=")
         if not name or not reference:
             parser.error(f"--model takes NAME=REF (a checkpoint or models:/ URI), got {item!r}")
-        models[name] = model_reference(reference)
+        try:
+            models[name] = model_reference(reference)
+        except CheckpointError as error:  # an s3:// path: replicas read local folders
+            raise SystemExit(f"[serve] cannot serve {name}: {error}") from None
     if not models:
         parser.error("name at least one model with --datasets or --model")
     if args.detach and args.address is None:
@@ -99,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def model_reference(reference: str) -> str:
-    """A registry URI as given; a path made absolute, for replicas whose working directory is
-    not this one."""
-    return reference if reference.startswith(REGISTRY_PREFIX) else str(Path(reference).resolve())
+    """A registry URI as given; a local path resolved as the other jobs resolve a checkpoint (a
+    run's folder: its latest checkpoint) and made absolute, for replicas whose working directory
+    is not this one."""
+    if reference.startswith(REGISTRY_PREFIX):
+        return reference
+    return str(resolve_checkpoint(reference).resolve())
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ import argparse
 import dataclasses
 import sys
 
-from jobs.common import add_common_arguments, connect, load_config
+from jobs.common import add_common_arguments, checked_checkpoint, connect, load_config
 from pipelines import finetune
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser, config_required=True)
+    add_common_arguments(parser, set_examples=("steps=100", "ingest.batch_size=128"))
     parser.add_argument(
         "--scratch", action="store_true", help="train from random weights (the baseline)"
     )
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.smoke, args.set, finetune.FinetuneConfig)
     if args.scratch:
         config = dataclasses.replace(config, from_scratch=True, register=False)
+    # The from-scratch baseline reads the checkpoint too: its architecture.
+    checkpoint = checked_checkpoint(config.checkpoint, "tune")
+    config = dataclasses.replace(config, checkpoint=str(checkpoint))
     connect(args.address)
     outcomes = finetune.run(config)
     print(finetune.format_table(outcomes))
