@@ -245,13 +245,10 @@ def checked_checkpoint(path: str, job: str) -> Path:
     one, or a run's folder: its latest; see `resolve_checkpoint`), read before Ray starts.
 
     A missing or broken checkpoint ends the job with a one-line reason (exit 1), not a traceback
-    once Ray has started. A folder that is not there is named as such: "vit.json is missing"
-    would send the user looking inside a folder that does not exist.
+    once Ray has started.
     """
     try:
         directory = resolve_checkpoint(path)
-        if not directory.exists():
-            raise CheckpointError(f"{path} does not exist")
         read_metadata(directory)
     except CheckpointError as error:
         raise SystemExit(f"[{job}] {error}") from None

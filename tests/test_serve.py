@@ -510,7 +510,7 @@ def test_checkpoints_served_from_a_submitted_job_need_no_tracking_server(
 @pytest.mark.parametrize(
     ("reference", "error", "message"),
     [
-        ("no-such-checkpoint", vit_checkpoint.CheckpointError, r"vit\.json is missing"),
+        ("no-such-checkpoint", vit_checkpoint.CheckpointError, "no-such-checkpoint does not exist"),
         ("models:/vit-nothing@champion", MlflowException, "vit-nothing"),
         ("models:/vit-nothing", ValueError, "expected models:/NAME@ALIAS"),
     ],
@@ -536,7 +536,7 @@ def test_the_serve_job_refuses_a_bad_model_reference_with_the_reason(
     """A mistyped path or a dataset without a champion: exit 1 with the reason, no traceback."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for argv, reason in (
-        (["--model", f"vit-x={tmp_path / 'no-such-checkpoint'}"], "vit.json is missing"),
+        (["--model", f"vit-x={tmp_path / 'no-such-checkpoint'}"], "no-such-checkpoint does not"),
         (["--datasets", "nothing-here"], "vit-nothing-here"),
     ):
         with pytest.raises(SystemExit, match=reason) as exit_:

@@ -95,6 +95,8 @@ def save_weights(
 
 def read_metadata(path: str | os.PathLike[str]) -> CheckpointMetadata:
     """Read `vit.json` alone: cheap, for listing or validating checkpoints."""
+    if not Path(path).exists():  # not "vit.json is missing": that sends one looking inside
+        raise CheckpointError(f"{path} does not exist")
     file = Path(path) / METADATA_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} is not a vit checkpoint: {METADATA_FILE} is missing")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def _edit_metadata(directory: Path, **fields: object) -> None:
     ("damage", "message"),
     [
         (lambda d: (d / "vit.json").unlink(), "vit.json is missing"),
+        (lambda d: shutil.rmtree(d), "does not exist"),
         (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
         (lambda d: (d / "vit.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "vit.json").write_text("[]"), "must hold a JSON object"),
