@@ -300,8 +300,10 @@ def _run_stages(config: PipelineConfig, parent: str, uri: str) -> dict[str, Any]
         )
     )
     reply = _smoke_query(url, transferred[-1]["dataset"])
-    for outcome in transferred:
+    for outcome in transferred:  # on the run and on its version, for who browses the registry
         mlflow.set_tag(outcome["run_id"], "vitray_served_at", url)
+        name = tracking.registered_model_name(outcome["dataset"])
+        mlflow.set_model_version_tag(name, outcome["model_version"], "vitray_served_at", url)
     summary = {
         "pretrain": pretrained,
         "analysis": analysed,

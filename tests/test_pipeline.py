@@ -218,6 +218,7 @@ def test_submitted_pipeline_runs_across_node_processes_and_records_lineage(
         run = mlflow.get_run(champion.run_id)
         assert run.data.tags["vitray_pretrain_run"] == pretrain.info.run_id
         assert run.data.tags["vitray_served_at"] == f"http://127.0.0.1:{serve_port}"
+        assert champion.tags["vitray_served_at"] == f"http://127.0.0.1:{serve_port}"
         figures = {a.path for a in mlflow.list_artifacts(champion.run_id, "figures")}
         assert figures == {"figures/confusion_matrix.png", "figures/test_predictions.png"}
     scratch = [r for r in runs if r.data.tags.get("vitray_stage") == "scratch"]
