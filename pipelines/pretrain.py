@@ -174,6 +174,7 @@ def run(
 ) -> PretrainResult:
     """Pretrain `config.model` on `config.dataset` and return the final checkpoint."""
     info = describe(config.dataset)
+    check_train_rows((info.split_sizes or {}).get("train"), config)
     model_config = config.model.replace(num_classes=len(info.class_names))
     tracker = start_error_tracker()
     fs, storage = _storage(config, storage_filesystem)
@@ -605,6 +606,27 @@ def step_layout(global_batch: int, world: int, micro_batch: int) -> tuple[int, i
     per_worker = -(-global_batch // world)
     accumulation = -(-per_worker // micro_batch)
     return accumulation, -(-per_worker // accumulation)
+
+
+def check_train_rows(rows: int | None, config: PretrainConfig) -> None:
+    """Refuse a train split too small for one micro-batch per worker at every worker count the
+    run may have, where its size is known (catalog sets, prepared shards). Found by the workers,
+    it would be retried `max_failures` times, reading the data again each time."""
+    if rows is None:
+        return
+    low, high = (
+        (config.num_workers,) * 2 if isinstance(config.num_workers, int) else config.num_workers
+    )
+    needs = {
+        world: step_layout(config.global_batch_size, world, config.micro_batch_size)[1]
+        for world in range(low, high + 1)
+    }
+    if all(rows // world < micro for world, micro in needs.items()):
+        raise ValueError(
+            f"the train split holds {rows} images, too few for {low} worker(s) to draw a "
+            f"micro-batch of {needs[low]} each (global_batch_size "
+            f"{config.global_batch_size}, micro_batch_size {config.micro_batch_size})"
+        )
 
 
 def _mean_over_workers(value: torch.Tensor) -> float:

@@ -192,6 +192,20 @@ def test_step_layout_splits_the_batch_evenly_at_any_worker_count() -> None:
         assert 4096 <= world * accumulation * micro < 4096 + world * accumulation
 
 
+def test_a_train_split_too_small_for_one_step_is_refused_before_training() -> None:
+    small = dict(global_batch_size=128, micro_batch_size=64)
+    pretrain.check_train_rows(None, PretrainConfig(**small))  # a folder's size is not known
+    pretrain.check_train_rows(128, PretrainConfig(**small, num_workers=2))  # 64 each
+    pretrain.check_train_rows(100, PretrainConfig(**small, num_workers=(1, 2)))  # on one
+    with pytest.raises(
+        ValueError,
+        match=r"holds 100 images, too few for 2 worker\(s\) to draw a micro-batch of 64 each",
+    ):
+        pretrain.check_train_rows(100, PretrainConfig(**small, num_workers=2))
+    with pytest.raises(ValueError, match="holds 40 images"):
+        pretrain.check_train_rows(40, PretrainConfig(**small))
+
+
 def test_the_learning_rate_warms_up_linearly_then_decays_to_zero() -> None:
     parameter = torch.nn.Parameter(torch.zeros(1))
     for decay, halfway in (("cosine", 0.5), ("linear", 0.5)):
@@ -210,11 +224,15 @@ def test_the_learning_rate_warms_up_linearly_then_decays_to_zero() -> None:
     assert cosine.lr_lambdas[0](2) > linear.lr_lambdas[0](2)  # cosine stays high for longer
 
 
-def test_a_failed_run_ends_failed_in_mlflow(cluster: Cluster, tmp_path: Path) -> None:
-    # No full micro-batch of 4,096 in the digits training split: the worker raises.
+def test_a_failed_run_ends_failed_in_mlflow(
+    cluster: Cluster, tmp_path: Path, digits_folder: Path
+) -> None:
+    # No full micro-batch of 4,096 in the folder's training split: the worker raises. (A
+    # folder's size is known only by reading it; a catalog set's is refused up front.)
     config = tiny_config(
         tmp_path,
         "too-small",
+        dataset=str(digits_folder),
         num_workers=1,
         global_batch_size=4096,
         micro_batch_size=4096,
