@@ -621,7 +621,8 @@ def check_train_rows(rows: int | None, config: PretrainConfig) -> None:
         world: step_layout(config.global_batch_size, world, config.micro_batch_size)[1]
         for world in range(low, high + 1)
     }
-    if all(rows // world < micro for world, micro in needs.items()):
+    # A reversed range leaves `needs` empty: Ray's ScalingConfig refuses it, naming both ends.
+    if needs and all(rows // world < micro for world, micro in needs.items()):
         raise ValueError(
             f"the train split holds {rows} images, too few for {low} worker(s) to draw a "
             f"micro-batch of {needs[low]} each (global_batch_size "

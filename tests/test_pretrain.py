@@ -197,6 +197,7 @@ def test_a_train_split_too_small_for_one_step_is_refused_before_training() -> No
     pretrain.check_train_rows(None, PretrainConfig(**small))  # a folder's size is not known
     pretrain.check_train_rows(128, PretrainConfig(**small, num_workers=2))  # 64 each
     pretrain.check_train_rows(100, PretrainConfig(**small, num_workers=(1, 2)))  # on one
+    pretrain.check_train_rows(100, PretrainConfig(**small, num_workers=(2, 1)))  # Ray refuses it
     with pytest.raises(
         ValueError,
         match=r"holds 100 images, too few for 2 worker\(s\) to draw a micro-batch of 64 each",
