@@ -22,9 +22,6 @@ from typing import Any
 
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import LifecycleStage
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from pipelines import finetune, pretrain, tracking
 from pipelines.analyze import run_analysis
@@ -93,7 +90,7 @@ class StageCache:
         entry = self.entries.get(stage)
         if entry and entry["inputs"] == key:
             run_id = entry["result"]["run_id"]
-            if self._active(run_id):
+            if tracking.run_is_active(self.mlflow, run_id):
                 banner(f"{stage}: inputs unchanged, reusing the finished result")
                 return entry["result"]
             print(f"[{stage}] its finished run {run_id} is not in MLflow any more", flush=True)
@@ -110,14 +107,6 @@ class StageCache:
         tmp.write_text(json.dumps(self.entries, indent=2, default=str))
         tmp.replace(self.path)
         return result
-
-    def _active(self, run_id: str) -> bool:
-        try:
-            return self.mlflow.get_run(run_id).info.lifecycle_stage == LifecycleStage.ACTIVE
-        except MlflowException as error:  # gone for good (`mlflow gc`), or another store
-            if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-                return False
-            raise
 
 
 def banner(text: str) -> None:

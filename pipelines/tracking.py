@@ -239,6 +239,18 @@ class MetricLog:
         self.last_logged = step
 
 
+def run_is_active(mlflow: MlflowClient, run_id: str) -> bool:
+    """Whether the store holds the run, not deleted: one deleted in the UI, gone for good
+    (`mlflow gc`) or recorded in another store is not. Other errors (the server unreachable)
+    are raised, not taken for an answer."""
+    try:
+        return mlflow.get_run(run_id).info.lifecycle_stage == LifecycleStage.ACTIVE
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise
+
+
 def registered_model_name(dataset: str) -> str:
     """`vit-<dataset>`: the registry name of the models fine-tuned on `dataset`.
 
